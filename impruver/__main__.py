@@ -1,0 +1,5 @@
+import sys
+
+from impruver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,322 @@
+"""The `impruver` command.
+
+    impruver [overrides]                     the main job: compose the dataset if needed, then train
+    impruver compose|train|chat|serve|export [overrides]    one stage
+    impruver plan [--yaml] [--config FILE] [overrides]      print the validated plan (a dry run)
+    impruver ls [KIND]                       presets, config-group options and registered components
+    impruver cp PRESET DEST                  copy a preset to an editable file
+    impruver run compose_dataset|finetune|chat --config PRESET_OR_FILE [overrides]   the older form
+
+The main job and the stages are Hydra applications: --cfg job, --info, --help and -m (multirun) work on them.
+Configuration errors are reported all at once with exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint
+from impruver.ui import console, print_error, print_warning, setup_logging
+
+STAGES = ("compose", "train", "chat", "serve", "export")
+COMMANDS = (*STAGES, "plan", "ls", "cp", "run")
+RECIPES = {"compose_dataset": "compose", "finetune": "main", "chat": "chat", "train": "main", "export": "export",
+           "serve": "serve"}
+# Hydra's own flags; those in the first set take a value.
+HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help", "--resolve", "--version"}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+# impruver's own stage flags (name -> takes a value).
+STAGE_FLAGS = {"--config": True, "--prompt": True, "--inspect": True, "--force": False, "--dest": True,
+               "--yaml": False, "--report-to": True, "--plan": True}
+
+
+@dataclass
+class Args:
+    """A command line split into Hydra's flags, overrides and impruver's own flags."""
+
+    hydra: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multirun(self) -> bool:
+        return any(a in ("-m", "--multirun") for a in self.hydra)
+
+    @property
+    def informational(self) -> bool:
+        """Hydra prints help or info and runs nothing."""
+        return any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
+                   for a in self.hydra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
+    try:
+        code = dispatch(argv)
+    except ImpruverError as exc:
+        print_error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        code = 130
+    return code
+
+
+def dispatch(argv: list[str]) -> int:
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    rest = argv[1:] if command else argv
+    if command == "ls":
+        return cmd_ls(rest)
+    if command == "cp":
+        return cmd_cp(rest)
+    if command == "plan":
+        return cmd_plan(split_args(rest))
+    if command == "run":
+        return cmd_run(rest)
+    return launch(command or "main", split_args(rest))
+
+
+def split_args(argv: Sequence[str]) -> Args:
+    """Sort a command line into Hydra flags, impruver flags (``--prompt x`` or ``--prompt=x``) and overrides."""
+    args = Args()
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, value = token.partition("=")
+        if token.startswith("--") and name in STAGE_FLAGS:
+            if STAGE_FLAGS[name]:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ConfigError([Problem(name, "needs a value")])
+                    i, value = i + 1, argv[i + 1]
+                args.flags[name.lstrip("-").replace("-", "_")] = value
+            else:
+                args.flags[name.lstrip("-").replace("-", "_")] = True
+        elif token in HYDRA_VALUE_FLAGS:
+            args.hydra += argv[i:i + 2]
+            i += 1
+        elif token in ("--info", "-i"):
+            args.hydra.append(token)
+            if i + 1 < len(argv) and argv[i + 1] in INFO_VALUES:
+                args.hydra.append(argv[i + 1])
+                i += 1
+        elif token in HYDRA_FLAGS or (token.startswith("-") and name in HYDRA_VALUE_FLAGS):
+            args.hydra.append(token)
+        elif token.startswith("-") and not token.startswith(("+", "~")):
+            valid = sorted({*STAGE_FLAGS, *HYDRA_FLAGS, *HYDRA_VALUE_FLAGS, "--info"})
+            raise ConfigError([Problem(token, f"unknown flag; {choices_hint(token, valid)}")])
+        else:
+            args.overrides.append(token)
+        i += 1
+    return args
+
+
+# -- planning ------------------------------------------------------------------------------------------------
+
+
+def config_source(args: Args) -> tuple[str | None, list[str]]:
+    """``--config``: a preset name becomes ``preset=NAME``; a file becomes the primary config."""
+    target = args.flags.get("config")
+    if not target:
+        return None, list(args.overrides)
+    if Path(target).is_file():
+        return str(target), list(args.overrides)
+    from impruver.compose import list_options
+
+    presets = list_options("preset")
+    if target in presets:
+        return None, [f"preset={target}", *args.overrides]
+    raise ConfigError([Problem("--config", f"'{target}' is neither a file nor a preset; "
+                               f"{choices_hint(target, presets)}")])
+
+
+def plan_for(overrides: Sequence[str], config_file: str | None = None) -> Any:
+    """compose -> make_plan, for one list of overrides."""
+    from impruver.compose import compose
+    from impruver.plan import make_plan
+
+    composed = compose(overrides, config_file=config_file)
+    try:
+        return make_plan(composed.config, choices=composed.choices)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source=config_file) from None
+
+
+def validate_all(overrides: Sequence[str], config_file: str | None, multirun: bool) -> Any:
+    """Plan every job a command would run (each sweep point under -m); report all problems at once."""
+    from impruver.compose import expand_sweeps
+
+    combos = expand_sweeps(overrides) if multirun else [list(overrides)]
+    problems: list[Problem] = []
+    first = None
+    for combo in combos:
+        try:
+            plan = plan_for(combo, config_file)
+            first = first or plan
+        except ConfigError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise ConfigError(problems, source=config_file)
+    return first
+
+
+def cmd_plan(args: Args) -> int:
+    from impruver.plan import environment_problems
+
+    config_file, overrides = config_source(args)
+    plan = plan_for(overrides, config_file)
+    if args.flags.get("yaml"):
+        console.print(plan.to_yaml(), end="", markup=False, highlight=False)
+    else:
+        from impruver.report import render_plan
+
+        console.print(render_plan(plan))
+    for problem in environment_problems(plan):
+        print_warning(f"{problem} (this machine cannot run it as planned)")
+    return 0
+
+
+# -- running stages through Hydra ----------------------------------------------------------------------------
+
+
+def launch(stage: str, args: Args) -> int:
+    """Validate every job first, then hand the command line to Hydra, which calls the stage per job."""
+    config_file, overrides = config_source(args)
+    extra: list[str] = ["hydra.run.dir=."]
+    if not args.informational:
+        first = validate_all(overrides, config_file, args.multirun)
+        if args.multirun:
+            extra.append(f"hydra.sweep.dir={Path(first.output_dir, 'multirun').as_posix()}")
+    import hydra
+
+    from impruver.compose import CONFIG_MODULE, HYDRA_QUIET, PRIMARY
+
+    config_path = f"pkg://{CONFIG_MODULE}"
+    config_name = PRIMARY
+    if config_file:
+        config_path, config_name = str(Path(config_file).parent.resolve()), Path(config_file).stem
+    options = {k: v for k, v in args.flags.items() if k != "config"}
+    task = _task(stage, options, config_file)
+    saved = sys.argv
+    sys.argv = ["impruver", *args.hydra, *HYDRA_QUIET, *extra, *overrides]
+    try:
+        hydra.main(config_path=config_path, config_name=config_name, version_base="1.3")(task)()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _task(stage: str, options: dict[str, Any], config_file: str | None) -> Callable[[Any], Any]:
+    def impruver_job(cfg: Any) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        from omegaconf import OmegaConf
+
+        from impruver.plan import make_plan
+
+        hydra_cfg = HydraConfig.get()
+        choices = {k: v for k, v in OmegaConf.to_container(hydra_cfg.runtime.choices).items()
+                   if not k.startswith("hydra") and v is not None}
+        try:
+            plan = make_plan(OmegaConf.to_container(cfg, resolve=True), choices=choices)
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                plan = plan.model_copy(update={"output_dir": hydra_cfg.runtime.output_dir})
+            return run_stage(stage, plan, **options)
+        except ImpruverError as exc:
+            print_error(str(exc))
+            sys.exit(exc.exit_code)
+
+    return impruver_job
+
+
+def run_stage(stage: str, plan: Any, **options: Any) -> Any:
+    """Run one stage of a validated plan. The recipes are imported only here (they import torch)."""
+    if stage in ("main", "train"):
+        from impruver.train.recipe import run as train
+
+        return train(plan, **options)
+    if stage == "compose":
+        from impruver.data.pipeline import run as compose_data
+
+        return compose_data(plan, **options)
+    if stage == "chat":
+        from impruver.chat.repl import run as chat
+
+        return chat(plan, **options)
+    if stage == "serve":
+        from impruver.chat.server import run as serve
+
+        return serve(plan, **options)
+    if stage == "export":
+        from impruver.train.export import run as export
+
+        return export(plan, **options)
+    raise ConfigError([Problem("", f"unknown stage '{stage}'; {choices_hint(stage, STAGES)}")])
+
+
+# -- the older form: impruver run RECIPE --config X --------------------------------------------------------
+
+
+def cmd_run(argv: list[str]) -> int:
+    if not argv or argv[0] not in RECIPES:
+        given = argv[0] if argv else ""
+        raise ConfigError([Problem("run", f"unknown recipe '{given}'; {choices_hint(given, RECIPES)}")])
+    recipe, rest = argv[0], argv[1:]
+    args = split_args(rest)
+    if "config" not in args.flags and args.overrides and _looks_like_config(args.overrides[0]):
+        args.flags["config"] = args.overrides.pop(0)  # impruver run chat ./my.yaml
+    report_to = args.flags.pop("report_to", None)
+    if report_to:
+        args.overrides.append(f"train.report_to=[{report_to}]")
+    return launch(RECIPES[recipe], args)
+
+
+def _looks_like_config(token: str) -> bool:
+    return "=" not in token and (token.endswith((".yaml", ".yml")) or Path(token).is_file())
+
+
+# -- ls and cp -----------------------------------------------------------------------------------------------
+
+
+def cmd_ls(argv: list[str]) -> int:
+    from impruver.report import render_listing
+
+    kinds = [a for a in argv if not a.startswith("-")]
+    console.print(render_listing(kinds))
+    return 0
+
+
+def cmd_cp(argv: list[str]) -> int:
+    if len(argv) != 2:
+        raise ConfigError([Problem("cp", "usage: impruver cp PRESET DEST (impruver ls lists the presets)")])
+    preset, dest = argv
+    from impruver.compose import compose, list_options
+
+    presets = list_options("preset")
+    if preset not in presets:
+        raise ConfigError([Problem("cp", f"no preset '{preset}'; {choices_hint(preset, presets)}")])
+    target = Path(dest)
+    if target.is_dir():
+        target = target / (preset.replace("/", "_") + ".yaml")
+    if target.exists():
+        raise ConfigError([Problem("cp", f"{target} exists; remove it or choose another destination")])
+    composed = compose([f"preset={preset}"])
+    from impruver.report import config_file_text
+    from impruver.plan import atomic_write_text
+
+    atomic_write_text(target, config_file_text(composed.config, preset=preset, dest=str(target)))
+    console.print(f"copied preset {preset} to {target}\n  plan it:  impruver plan --config {target}\n"
+                  f"  run it:   impruver run finetune --config {target}", markup=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Readable views of plans, listings and reports (rich renderables), and the text of copied config files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from rich.console import Group
+from rich.table import Table
+from rich.tree import Tree
+
+
+def render_plan(plan: Any) -> Any:
+    """A tree of the plan's sections, then the memory estimate."""
+    data = plan.to_dict()
+    title = f"[bold]plan[/] {plan.preset or ''}  ->  {plan.output_dir}"
+    tree = Tree(title)
+    for section, value in data.items():
+        if section in ("version", "memory", "preset", "output_dir"):
+            continue
+        _add(tree, section, value)
+    parts: list[Any] = [tree]
+    if plan.memory is not None:
+        parts.append(render_memory(plan.memory, plan))
+    return Group(*parts)
+
+
+def _add(tree: Tree, key: str, value: Any) -> None:
+    if isinstance(value, dict) and value:
+        branch = tree.add(f"[cyan]{key}[/]")
+        for k, v in value.items():
+            _add(branch, str(k), v)
+    else:
+        shown = "[]" if value == [] else "{}" if value == {} else value
+        tree.add(f"[cyan]{key}[/]: {shown}")
+
+
+def render_memory(memory: Any, plan: Any) -> Table:
+    budget = f" of {memory.budget_gib:g} GiB ({plan.hardware.name})" if memory.budget_gib else ""
+    verdict = "" if memory.fits is None else ("  [green]fits[/]" if memory.fits else "  [red]does not fit[/]")
+    table = Table(title=f"estimated peak GPU memory per device: {memory.total_gib:.1f} GiB{budget}{verdict}",
+                  title_justify="left")
+    for col in ("weights", "gradients", "optimizer", "activations", "overhead"):
+        table.add_column(col, justify="right")
+    table.add_row(*(f"{getattr(memory, f'{c}_gib'):.2f}" for c in
+                    ("weights", "gradients", "optimizer", "activations", "overhead")))
+    if memory.suggestions:
+        table.caption = "would fit: " + " | ".join(memory.suggestions)
+    return table
+
+
+def render_listing(kinds: list[str]) -> Any:
+    """Presets, config-group options and registered components, each with the package that provides it."""
+    from impruver import registry
+    from impruver.compose import list_options
+
+    parts: list[Any] = []
+    want = set(kinds)
+    if not want or "presets" in want or "preset" in want:
+        table = Table(title="presets  (impruver preset=NAME, impruver cp NAME DEST)", title_justify="left")
+        table.add_column("preset", style="cyan")
+        for name in list_options("preset"):
+            table.add_row(name)
+        parts.append(table)
+    if not want or "options" in want:
+        table = Table(title="config-group options  (impruver GROUP=OPTION)", title_justify="left")
+        table.add_column("group", style="cyan")
+        table.add_column("options")
+        for group in ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat"):
+            table.add_row(group, ", ".join(list_options(group)))
+        parts.append(table)
+    for kind in registry.KINDS:
+        if want and kind not in want and kind.rstrip("s") not in want and "components" not in want:
+            continue
+        table = Table(title=f"{kind}", title_justify="left")
+        table.add_column("name", style="cyan")
+        table.add_column("package")
+        for entry in registry.available(kind):
+            table.add_row(entry.name, entry.provider)
+        parts.append(table)
+    errors = registry.load_plugins()
+    if errors:
+        table = Table(title="plugins that failed to load", title_justify="left")
+        table.add_column("package", style="red")
+        table.add_column("error")
+        for dist, err in errors.items():
+            table.add_row(dist, err)
+        parts.append(table)
+    return Group(*parts)
+
+
+def config_file_text(config: dict[str, Any], *, preset: str, dest: str) -> str:
+    """A standalone, editable config file holding every key of a composed preset."""
+    body = dict(config)
+    body["preset"] = preset
+    header = (
+        f"# Copied from impruver preset {preset}: every key, ready to edit.\n"
+        f"#   impruver plan --config {dest}                 # check it\n"
+        f"#   impruver run finetune --config {dest}         # run it (or: impruver --config {dest})\n"
+        f"#   impruver run chat {dest}                      # talk to the result\n"
+    )
+    return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=120)
