@@ -375,8 +375,8 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
 
     if len(sections) == len(SECTIONS):
         sections = _resolve_defaults(sections, choices)
-        problems.extend(_check_registry_names(sections))
         problems.extend(_check_rules(sections))
+    problems.extend(_check_registry_names(sections))  # also for the sections that did validate
 
     top = {k: config.get(k) for k in ("output_dir", "train_path", "val_path")}
     for key, value in top.items():
@@ -434,16 +434,16 @@ def _resolve_defaults(sections: dict[str, Any], choices: dict[str, str]) -> dict
 
 
 def _check_registry_names(sections: dict[str, Any]) -> list[Problem]:
-    checks = [
-        ("model.builder", "models", sections["model"].builder),
-        ("tokenizer.builder", "tokenizers", sections["tokenizer"].builder),
-        ("method.builder", "methods", sections["method"].builder),
-        ("train.optimizer", "optimizers", sections["train"].optimizer),
-        ("train.scheduler", "schedulers", sections["train"].scheduler),
-    ]
-    for name, source in sections["dataset"].sources.items():
-        checks.append((f"dataset.sources.{name}.format", "formats", source.format))
-    template = sections["tokenizer"].chat_template
+    checks = []
+    for section, field_name, kind in (("model", "builder", "models"), ("tokenizer", "builder", "tokenizers"),
+                                      ("method", "builder", "methods"), ("train", "optimizer", "optimizers"),
+                                      ("train", "scheduler", "schedulers")):
+        if section in sections and getattr(sections[section], field_name) != "auto":
+            checks.append((f"{section}.{field_name}", kind, getattr(sections[section], field_name)))
+    if "dataset" in sections:
+        for name, source in sections["dataset"].sources.items():
+            checks.append((f"dataset.sources.{name}.format", "formats", source.format))
+    template = sections["tokenizer"].chat_template if "tokenizer" in sections else None
     if template and not _is_inline_template(template) and not template.endswith(".jinja"):
         checks.append(("tokenizer.chat_template", "templates", template))
     problems = []
@@ -460,10 +460,12 @@ def _check_builder_options(sections: dict[str, Any]) -> list[Problem]:
 
     problems = []
     for section, kind in (("model", "models"), ("tokenizer", "tokenizers"), ("method", "methods")):
-        spec = sections[section]
+        spec = sections.get(section)
+        if spec is None:
+            continue
         if spec.options and registry.has(kind, spec.builder):
             problems.extend(check_options(kind, spec.builder, spec.options, key=f"{section}.options"))
-    for name, source in sections["dataset"].sources.items():
+    for name, source in (sections["dataset"].sources.items() if "dataset" in sections else ()):
         if source.options and registry.has("formats", source.format):
             problems.extend(
                 check_options("formats", source.format, source.options, key=f"dataset.sources.{name}.options")
