@@ -1,0 +1,134 @@
+"""The `impruver` command: Hydra's flags, planning, listing, copying, and exit status 2 for bad configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from impruver import cli
+from impruver.compose import list_options
+
+CATALOGUE_COUNT = 12
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # Hydra's --help / --info end with sys.exit
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cfg_job_prints_the_composed_config(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(capsys, "model=rugpt3large", "method=lora", "dataset=saiga2", "--cfg", "job")
+    assert code == 0
+    config = yaml.safe_load(out)
+    assert config["model"]["path"] == "ai-forever/rugpt3large_based_on_gpt2"
+    assert config["method"]["lora"]["r"] == 16
+    assert list(tmp_path.iterdir()) == [], "Hydra must not write outputs/ or .hydra into the working directory"
+    assert Path.cwd() == tmp_path
+
+
+def test_plan_prints_the_validated_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "plan", "model=rugpt3large", "method=lora", "dataset=saiga2")
+    assert code == 0
+    assert "ai-forever/rugpt3large_based_on_gpt2" in out and "estimated peak GPU memory" in out
+    code, out, _ = run_cli(capsys, "plan", "--yaml", "model=rugpt3large", "method=lora", "dataset=saiga2")
+    assert yaml.safe_load(out)["method"]["lora"]["r"] == 16
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["model=rugpt3lage"], ["rugpt3large"]),
+    (["method.lora.rr=8", "train.lr=abc"], ["method.lora.rr", "'r'", "train.lr", "abc"]),
+    (["plan", "model=rugpt3lage"], ["rugpt3large"]),
+    (["-m", "train.lr=1e-3,abc"], ["train.lr", "abc"]),
+    (["train", "--promt", "x"], ["--prompt"]),
+    (["run", "finetun"], ["finetune"]),
+    (["run", "finetune", "--config", "ruGPT-3.5/13B_lora_saiga"], ["ruGPT-3.5/13B_lora_saiga2"]),
+])
+def test_configuration_errors_exit_2_naming_every_problem(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                          expected: list[str]) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert "Traceback" not in out + err
+    for text in expected:
+        assert text in err
+
+
+def test_ls_lists_presets_and_components(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "ls")
+    assert code == 0
+    presets = list_options("preset")
+    assert len(presets) == CATALOGUE_COUNT + 1
+    for name in presets:
+        assert name in out
+    for section in ("formats", "models", "tokenizers", "methods", "templates", "optimizers", "schedulers"):
+        assert section in out
+    assert "impruver" in out  # the providing package
+
+
+def test_cp_then_plan_the_copy(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    dest = tmp_path / "x.yaml"
+    code, out, _ = run_cli(capsys, "cp", "ruGPT-3.5/13B_lora_saiga2", str(dest))
+    assert code == 0 and dest.is_file()
+    text = dest.read_text(encoding="utf-8")
+    assert text.startswith("# Copied from impruver preset ruGPT-3.5/13B_lora_saiga2")
+    code, out, _ = run_cli(capsys, "plan", "--yaml", "--config", str(dest), "train.lr=1e-5")
+    assert code == 0
+    plan = yaml.safe_load(out)
+    assert plan["model"]["path"] == "ai-forever/ruGPT-3.5-13B" and plan["train"]["lr"] == 1e-5
+    assert plan["preset"] == "ruGPT-3.5/13B_lora_saiga2"
+    code, _, err = run_cli(capsys, "cp", "ruGPT-3.5/13B_lora_saiga2", str(dest))
+    assert code == 2 and "exists" in err  # never overwrites an edited copy
+
+
+def test_broken_config_file_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  builder: hf\n  path: x/y\n  dtyp: bf16\ntrain:\n  lr: fast\n")
+    code, _, err = run_cli(capsys, "plan", "--config", str(bad))
+    assert code == 2 and str(bad) in err and "model.dtyp" in err and "train.lr" in err
+
+
+def test_run_form_maps_to_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[tuple[str, cli.Args]] = []
+    monkeypatch.setattr(cli, "launch", lambda stage, args: seen.append((stage, args)) or 0)
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("seed: 1\n")
+    assert cli.main(["run", "finetune", "--config", "demo", "--report-to=wandb", "train.lr=1e-3"]) == 0
+    assert cli.main(["run", "chat", str(cfg)]) == 0
+    assert cli.main(["run", "compose_dataset", "--config", "demo"]) == 0
+    (stage, args), (chat_stage, chat_args), (compose_stage, _) = seen
+    assert stage == "main" and args.flags["config"] == "demo"
+    assert "train.report_to=[wandb]" in args.overrides and "train.lr=1e-3" in args.overrides
+    assert chat_stage == "chat" and chat_args.flags["config"] == str(cfg)
+    assert compose_stage == "compose"
+
+
+def test_report_to_reaches_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "run", "finetune", "--config", "demo", "--report-to=wandb", "--cfg", "job")
+    assert code == 0 and yaml.safe_load(out)["train"]["report_to"] == ["wandb"]
+
+
+def test_hydra_info_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--info", "searchpath")
+    assert code == 0 and "pkg://impruver.conf" in out
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "model" in out and "method" in out
+
+
+def test_console_script_and_module_entry(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    exe = Path(sys.executable).with_name("impruver")
+    result = subprocess.run([str(exe), "model=rugpt3lage"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "did you mean 'rugpt3large'" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "impruver", "plan", "--yaml"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "output_dir: outputs/demo" in result.stdout
