@@ -227,9 +227,14 @@ def _task(stage: str, options: dict[str, Any], config_file: str | None) -> Calla
                    if not k.startswith("hydra") and v is not None}
         try:
             plan = make_plan(OmegaConf.to_container(cfg, resolve=True), choices=choices)
-            if hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
+            if sweep_job:
+                # Each sweep point trains into its own folder; the composed data stays shared (cached by settings).
                 plan = plan.model_copy(update={"output_dir": hydra_cfg.runtime.output_dir})
-            return run_stage(stage, plan, **options)
+            result = run_stage(stage, plan, **options)
+            if stage in ("main", "train"):
+                write_run_summary(plan, result, list(hydra_cfg.overrides.task))
+            return result
         except ImpruverError as exc:
             print_error(str(exc))
             sys.exit(exc.exit_code)
@@ -240,6 +245,15 @@ def _task(stage: str, options: dict[str, Any], config_file: str | None) -> Calla
 def run_stage(stage: str, plan: Any, **options: Any) -> Any:
     """Run one stage of a validated plan. The recipes are imported only here (they import torch)."""
     if stage in ("main", "train"):
+        from impruver import launch
+
+        if launch.needs_launch(plan):
+            # Several processes: compose the data and freeze the plan once, then accelerate starts the workers.
+            from impruver.data.pipeline import ensure_composed
+
+            ensure_composed(plan)
+            plan.write()
+            return launch.spawn(plan)
         from impruver.train.recipe import run as train
 
         return train(plan, **options)
@@ -260,6 +274,19 @@ def run_stage(stage: str, plan: Any, **options: Any) -> Any:
 
         return export(plan, **options)
     raise ConfigError([Problem("", f"unknown stage '{stage}'; {choices_hint(stage, STAGES)}")])
+
+
+def write_run_summary(plan: Any, result: Any, overrides: list[str]) -> None:
+    """``run_summary.json`` in the output folder: what a sweep summary and people read back."""
+    import json
+
+    from impruver.plan import atomic_write_text
+    from impruver.sweep import RUN_SUMMARY
+
+    record = {"overrides": overrides, "output_dir": plan.output_dir}
+    if isinstance(result, dict):
+        record.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))})
+    atomic_write_text(Path(plan.output_dir, RUN_SUMMARY), json.dumps(record, indent=2, ensure_ascii=False))
 
 
 # -- the older form: impruver run RECIPE --config X --------------------------------------------------------

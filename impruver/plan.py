@@ -553,6 +553,9 @@ def environment_problems(plan: Plan) -> list[Problem]:
                                 f"{' and '.join(needs_bnb)} need bitsandbytes, which is not installed here "
                                 "(pip install bitsandbytes; CUDA only); on this machine use method=lora / "
                                 "train.optimizer=adamw"))
+    if plan.hardware.distributed.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(Problem("hardware.distributed", f"{plan.hardware.distributed} needs DeepSpeed: "
+                                "pip install deepspeed, or use hardware=fsdp"))
     if plan.hardware.device == "cuda" and not _has_nvidia_driver():
         problems.append(Problem("hardware", f"profile '{plan.hardware.name}' needs a CUDA GPU and none is visible "
                                 "here; use hardware=cpu to run on this machine"))

@@ -20,6 +20,12 @@ def render_plan(plan: Any) -> Any:
             continue
         _add(tree, section, value)
     parts: list[Any] = [tree]
+    from impruver import launch
+
+    if launch.total_processes(plan) > 1:
+        info = launch.describe(plan)
+        parts.append(f"[bold]launch[/]: {info['processes']} processes on {info['machines']} machine(s), "
+                     f"{info['sharding']}\n  {info['command']}")
     if plan.memory is not None:
         parts.append(render_memory(plan.memory, plan))
     return Group(*parts)

@@ -90,6 +90,8 @@ def test_every_group_option_plans(group: str, option: str, tmp_path: Path) -> No
         overrides += [f"model.path={tmp_path}", "method=full"]
     if (group, option) == ("tokenizer", "hf"):
         overrides.append("tokenizer.path=ai-forever/rugpt3small_based_on_gpt2")
+    if (group, option) == ("hardware", "multinode"):
+        overrides.append("hardware.main_process_ip=10.1.2.3")
     if (group, option) == ("method", "qlora"):
         overrides.append("hardware=gpu24gb")
     plan = plan_of(*overrides)
