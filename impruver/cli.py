@@ -140,32 +140,40 @@ def config_source(args: Args) -> tuple[str | None, list[str]]:
 
 def plan_for(overrides: Sequence[str], config_file: str | None = None) -> Any:
     """compose -> make_plan, for one list of overrides."""
+    return _composed_plan(overrides, config_file)[1]
+
+
+def _composed_plan(overrides: Sequence[str], config_file: str | None) -> tuple[Any, Any]:
     from impruver.compose import compose
     from impruver.plan import make_plan
 
     composed = compose(overrides, config_file=config_file)
     try:
-        return make_plan(composed.config, choices=composed.choices)
+        return composed, make_plan(composed.config, choices=composed.choices)
     except ConfigError as exc:
         raise ConfigError(exc.problems, source=config_file) from None
 
 
-def validate_all(overrides: Sequence[str], config_file: str | None, multirun: bool) -> Any:
-    """Plan every job a command would run (each sweep point under -m); report all problems at once."""
+def validate_all(overrides: Sequence[str], config_file: str | None, multirun: bool) -> tuple[Any, frozenset[str]]:
+    """Plan every job a command would run (each sweep point under -m); report all problems at once.
+
+    Returns the first job's plan and the overridden keys that the YAML does not name (Hydra needs ``++`` there).
+    """
     from impruver.compose import expand_sweeps
 
     combos = expand_sweeps(overrides) if multirun else [list(overrides)]
     problems: list[Problem] = []
-    first = None
+    first, added = None, frozenset()
     for combo in combos:
         try:
-            plan = plan_for(combo, config_file)
+            composed, plan = _composed_plan(combo, config_file)
             first = first or plan
+            added |= composed.added_keys
         except ConfigError as exc:
             problems += [p for p in exc.problems if p not in problems]
     if problems:
         raise ConfigError(problems, source=config_file)
-    return first
+    return first, added
 
 
 def cmd_plan(args: Args) -> int:
@@ -192,12 +200,15 @@ def launch(stage: str, args: Args) -> int:
     config_file, overrides = config_source(args)
     extra: list[str] = ["hydra.run.dir=."]
     if not args.informational:
-        first = validate_all(overrides, config_file, args.multirun)
+        first, added = validate_all(overrides, config_file, args.multirun)
+        from impruver.compose import for_hydra
+
+        overrides = for_hydra(overrides, added)
         if args.multirun:
             extra.append(f"hydra.sweep.dir={Path(first.output_dir, 'multirun').as_posix()}")
     import hydra
 
-    from impruver.compose import CONFIG_MODULE, HYDRA_QUIET, PRIMARY
+    from impruver.compose import CONFIG_MODULE, PRIMARY, hydra_settings
 
     config_path = f"pkg://{CONFIG_MODULE}"
     config_name = PRIMARY
@@ -206,7 +217,7 @@ def launch(stage: str, args: Args) -> int:
     options = {k: v for k, v in args.flags.items() if k != "config"}
     task = _task(stage, options, config_file)
     saved = sys.argv
-    sys.argv = ["impruver", *args.hydra, *HYDRA_QUIET, *extra, *overrides]
+    sys.argv = ["impruver", *args.hydra, *hydra_settings(), *extra, *overrides]
     try:
         hydra.main(config_path=config_path, config_name=config_name, version_base="1.3")(task)()
     finally:

@@ -7,6 +7,7 @@ reports them all at once (as a ConfigError); key names and value types are check
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,14 @@ HYDRA_QUIET = ("hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.outp
                "hydra.job.chdir=false")
 
 
+def hydra_settings() -> list[str]:
+    """Overrides impruver always gives Hydra: quiet, plus installed plugins' config packages on the search path."""
+    from impruver.plugins import conf_sources
+
+    sources = list(conf_sources())
+    return [*HYDRA_QUIET, *([f"hydra.searchpath=[{','.join(sources)}]"] if sources else [])]
+
+
 @dataclass(frozen=True)
 class Composed:
     """A composed configuration: plain values, plus which option of each group was chosen."""
@@ -41,6 +50,9 @@ class Composed:
     config: dict[str, Any]
     choices: dict[str, str] = field(default_factory=dict)
     source: str | None = None  # the config file, when one was given instead of impruver's primary config
+    # Keys that overrides set although the YAML does not name them (defaults live in the plan's schema):
+    # Hydra needs them as `++key=value`.
+    added_keys: frozenset[str] = frozenset()
 
 
 def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) -> Composed:
@@ -60,7 +72,7 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
             raise ConfigError(problems, source=config_file)
         config_name = Path(config_file).stem if config_file else PRIMARY
         try:
-            cfg = hydra_compose(config_name, overrides=[*HYDRA_QUIET, *(o.input_line for o in group_overrides)],
+            cfg = hydra_compose(config_name, overrides=[*hydra_settings(), *(o.input_line for o in group_overrides)],
                                 return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as exc:
             raise ConfigError([Problem("", _one_line(exc))], source=config_file) from None
@@ -69,6 +81,8 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
     with open_dict(cfg):
         del cfg["hydra"]
     OmegaConf.set_struct(cfg, False)
+    added = frozenset(o.key_or_group for o in value_overrides
+                      if not o.is_delete() and OmegaConf.select(cfg, o.key_or_group, default=_ABSENT) is _ABSENT)
     problems = [p for o in value_overrides if (p := _apply(cfg, o)) is not None]
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
@@ -78,7 +92,7 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
     problems += [Problem(key, f"required: set it, e.g. {key}=VALUE") for key in _missing(config)]
     if problems:
         raise ConfigError(problems, source=config_file)
-    return Composed(config=config, choices=choices, source=config_file)
+    return Composed(config=config, choices=choices, source=config_file, added_keys=added)
 
 
 def parse_overrides(overrides: Sequence[str]) -> tuple[list[Override], list[Problem]]:
@@ -91,6 +105,16 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[list[Override], list[Prob
         except HydraException as exc:
             problems.append(Problem(line.split("=")[0], f"cannot parse '{line}': {_one_line(exc)}"))
     return parsed, problems
+
+
+def for_hydra(overrides: Sequence[str], added_keys: frozenset[str]) -> list[str]:
+    """Overrides as Hydra's app must get them: keys absent from the YAML become ``++key=value``."""
+    parsed, _ = parse_overrides(overrides)
+    out = []
+    for o in parsed:
+        plain = o.input_line and not o.input_line.startswith(("+", "~"))
+        out.append(f"++{o.input_line}" if plain and o.key_or_group in added_keys else o.input_line)
+    return out
 
 
 def expand_sweeps(overrides: Sequence[str]) -> list[list[str]]:
@@ -114,13 +138,6 @@ def list_options(group: str, *, config_file: str | None = None) -> list[str]:
         return _options(group)
 
 
-def searchpath(*, config_file: str | None = None) -> list[str]:
-    """The config search path, plugins' config packages included."""
-    with _initialized(config_file):
-        loader = GlobalHydra.instance().config_loader()
-        return [f"{e.provider}: {e.path}" for e in loader.get_search_path().get_path()]
-
-
 def option_file(group: str, option: str) -> str:
     """The YAML text of one group option (``preset``, ``ruGPT-3.5/13B_lora_saiga2``)."""
     with _initialized(None):
@@ -134,6 +151,10 @@ def option_file(group: str, option: str) -> str:
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
+_ABSENT = object()
+_primary: contextvars.ContextVar[str] = contextvars.ContextVar("impruver_primary_config", default=PRIMARY)
+
+
 class _initialized:
     """Initialize Hydra's global state for one composition and clear it afterwards."""
 
@@ -142,6 +163,7 @@ class _initialized:
 
     def __enter__(self) -> None:
         GlobalHydra.instance().clear()
+        self._token = _primary.set(Path(self.config_file).stem if self.config_file else PRIMARY)
         if self.config_file:
             path = Path(self.config_file)
             if not path.is_file():
@@ -154,12 +176,30 @@ class _initialized:
     def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
         GlobalHydra.instance().clear()
+        _primary.reset(self._token)
+
+
+def option_providers(group: str) -> dict[str, str]:
+    """The package providing each option of ``group``: impruver, or the plugin whose config package has it."""
+    from importlib.resources import files
+
+    from impruver.plugins import conf_sources
+
+    providers = {option: "impruver" for option in list_options(group)}
+    for path, dist in conf_sources().items():
+        root = files(path.removeprefix("pkg://"))
+        for option in providers:
+            if root.joinpath(group, f"{option}.yaml").is_file():
+                providers[option] = dist
+    return providers
 
 
 def _options(group: str) -> list[str]:
     loader = GlobalHydra.instance().config_loader()
-    found = list(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
-    for sub in loader.get_group_options(group, results_filter=ObjectType.GROUP):
+    # With the primary config and impruver's settings, so that plugins' config packages are searched too.
+    settings = {"config_name": _primary.get(), "overrides": hydra_settings()}
+    found = list(loader.get_group_options(group, results_filter=ObjectType.CONFIG, **settings))
+    for sub in loader.get_group_options(group, results_filter=ObjectType.GROUP, **settings):
         found.extend(f"{sub}/{name}" for name in _options(f"{group}/{sub}"))
     return sorted(set(found))
 
@@ -218,5 +258,5 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 or lines[0].endswith(".") else f"{lines[0]} {lines[1]}"
 
 
-__all__ = ["Composed", "compose", "expand_sweeps", "list_options", "option_file", "parse_overrides", "searchpath",
+__all__ = ["Composed", "compose", "expand_sweeps", "for_hydra", "list_options", "option_file", "parse_overrides",
            "OverrideType"]

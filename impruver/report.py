@@ -58,7 +58,7 @@ def render_memory(memory: Any, plan: Any) -> Table:
 def render_listing(kinds: list[str]) -> Any:
     """Presets, config-group options and registered components, each with the package that provides it."""
     from impruver import registry
-    from impruver.compose import list_options
+    from impruver.compose import list_options, option_providers
 
     parts: list[Any] = []
     want = set(kinds)
@@ -73,7 +73,8 @@ def render_listing(kinds: list[str]) -> Any:
         table.add_column("group", style="cyan")
         table.add_column("options")
         for group in ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat"):
-            table.add_row(group, ", ".join(list_options(group)))
+            providers = option_providers(group)
+            table.add_row(group, ", ".join(o if p == "impruver" else f"{o} ({p})" for o, p in providers.items()))
         parts.append(table)
     for kind in registry.KINDS:
         if want and kind not in want and kind.rstrip("s") not in want and "components" not in want:
