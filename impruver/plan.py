@@ -67,7 +67,7 @@ class ModelSpec(Spec):
     arch: ArchSpec | None = None  # the architecture, for from-scratch and random-weight builds
     weights: Literal["pretrained", "random"] = "pretrained"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention", "auto"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention", "auto"] = "auto"  # auto: flash-attention 2 when installed (CUDA, 16-bit), else sdpa
     trust_remote_code: bool = False  # off unless the user turns it on for this model
     revision: str | None = None
     class_path: str | None = None  # explicit escape hatch: the user's own model class, "pkg.module:Class"
@@ -216,6 +216,7 @@ class TrainSpec(Spec):
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list)
     num_workers: int = Field(default=0, ge=0)
     ddp: dict[str, Any] = Field(default_factory=dict)  # e.g. {ddp_find_unused_parameters: false}
+    memory_check: bool = True  # stop before loading when the memory plan exceeds hardware.gpu_memory_gib
 
 
 class ChatSpec(Spec):

@@ -1,11 +1,13 @@
-"""Model, method, optimizer and scheduler builders (placeholders: being written by the training work)."""
-from impruver.registry import methods, models, optimizers, schedulers
+"""Register impruver's training builders (imported by :mod:`impruver.plugins.builtin`).
 
-for _name in ("hf", "arch", "custom"):
-    models.register(_name, func=lambda **kw: None)
-for _name in ("scratch", "full", "lora", "qlora"):
-    methods.register(_name, func=lambda **kw: None)
-for _name in ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"):
-    optimizers.register(_name, func=lambda **kw: None)
-for _name in ("cosine", "linear", "constant"):
-    schedulers.register(_name, func=lambda **kw: None)
+* models: ``hf``, ``arch``, ``custom`` (:mod:`impruver.train.models`)
+* methods: ``scratch``, ``full``, ``lora``, ``qlora`` (:mod:`impruver.train.methods`)
+* optimizers: ``adamw``, ``adamw_fused``, ``adamw_8bit``, ``paged_adamw_8bit``, ``sgd``;
+  schedulers: ``cosine``, ``linear``, ``constant`` (:mod:`impruver.train.optim`)
+
+None of these modules imports torch, transformers or peft at import time.
+"""
+
+import impruver.train.methods  # noqa: F401
+import impruver.train.models  # noqa: F401
+import impruver.train.optim  # noqa: F401

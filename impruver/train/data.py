@@ -1,0 +1,204 @@
+"""Token rows for training: read the composed JSONL, pack samples into rows, order and collate batches.
+
+The data stage defined what is trainable (``labels`` = -100 elsewhere); nothing here changes that. Two things
+happen to the labels, both exact:
+
+* they are shifted once, here, into next-token ``targets`` (``targets[t] = labels[t + 1]`` within a sample and
+  -100 on a sample's last token), so the loss never pairs a token with the next sample's first token;
+* in a packed row every sample gets its own ``position_ids`` (0..len-1), which transformers (>= 5.17, sdpa /
+  eager / flash) turns into a block-diagonal mask: samples never attend to each other, and the summed loss of a
+  packed row equals the summed loss of its samples run one by one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from impruver.errors import DataError
+
+log = logging.getLogger("impruver")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Tokenized samples stored flat: sample i is ``tokens[offsets[i]:offsets[i + 1]]``."""
+
+    tokens: np.ndarray  # int32, all samples concatenated
+    labels: np.ndarray  # int32, -100 where no loss is taken
+    offsets: np.ndarray  # int64, n + 1 boundaries
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.labels[a:b]
+
+
+def read_samples(path: str | Path, *, max_len: int) -> Samples:
+    """Read ``{"input_ids", "labels"}`` JSONL; truncate samples longer than ``max_len``, drop untrainable ones.
+
+    Raises:
+        DataError: a missing file, or a line that is not such a record (names the file and line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no composed data here; run `impruver compose` (or the main job) first")
+    tokens: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    truncated = untrainable = 0
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            ids, labs = _parse_line(line, path, line_no)
+            if len(ids) > max_len:
+                ids, labs, truncated = ids[:max_len], labs[:max_len], truncated + 1
+            if len(ids) < 2 or not (labs[1:] != IGNORE).any():
+                untrainable += 1  # nothing to predict: the first token is never a target
+                continue
+            tokens.append(ids)
+            labels.append(labs)
+    if truncated:
+        log.warning("%s: %d samples longer than %d tokens were truncated", path.name, truncated, max_len)
+    if untrainable:
+        log.warning("%s: %d samples with no trainable token were skipped", path.name, untrainable)
+    offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in tokens], out=offsets[1:])
+    empty = np.zeros(0, dtype=np.int32)
+    return Samples(np.concatenate(tokens) if tokens else empty, np.concatenate(labels) if labels else empty, offsets)
+
+
+def _parse_line(line: str, path: Path, line_no: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        record = json.loads(line)
+        ids = np.asarray(record["input_ids"], dtype=np.int32)
+        labs = np.asarray(record.get("labels", record["input_ids"]), dtype=np.int32)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}:{line_no}: not a tokenized record with input_ids and labels "
+                        f"({type(exc).__name__}: {exc}); recompose with `impruver compose --force`") from None
+    if ids.ndim != 1 or ids.shape != labs.shape:
+        raise DataError(f"{path}:{line_no}: input_ids and labels must be flat lists of the same length "
+                        f"(got {ids.shape} and {labs.shape})")
+    return ids, labs
+
+
+def pack(lengths: np.ndarray, seq_len: int) -> list[list[int]]:
+    """Group sample indices into rows of at most ``seq_len`` tokens (best-fit decreasing; deterministic).
+
+    Longest samples first, each into the fullest row it still fits, so rows end up nearly full.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for i in order:
+        n = int(lengths[i])
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            rows.append([i])
+            room, row = seq_len - n, len(rows) - 1
+        else:
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+def make_rows(samples: Samples, *, seq_len: int, packing: bool) -> list[list[int]]:
+    """Rows of sample indices: packed into ``seq_len``-token rows, or one sample per row."""
+    if packing:
+        return pack(samples.lengths(), seq_len)
+    return [[i] for i in range(len(samples))]
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The micro-batch order: a fresh seeded shuffle of the rows each epoch, sliced per rank.
+
+    The order depends only on (seed, epoch, index), so a resumed run sees exactly the batches it would have.
+    """
+
+    rows: list[list[int]]
+    batch_size: int  # rows per rank per micro-batch
+    seed: int
+    world_size: int = 1
+    rank: int = 0
+    shuffle: bool = True
+
+    @property
+    def per_epoch(self) -> int:
+        """Micro-batches per epoch (the last may be smaller; with several ranks it wraps around instead)."""
+        return max(1, -(-len(self.rows) // (self.batch_size * self.world_size)))
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.rows))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+
+    def get(self, epoch: int, index: int) -> list[list[int]]:
+        """The rows of micro-batch ``index`` of ``epoch`` for this rank."""
+        order = self.order(epoch)
+        start = (index * self.world_size + self.rank) * self.batch_size
+        picks = np.arange(start, start + self.batch_size)
+        if self.world_size > 1:
+            picks = picks % len(order)  # every rank gets a full batch (as DistributedSampler pads)
+        picks = picks[picks < len(order)]
+        return [self.rows[j] for j in order[picks]]
+
+    def epoch(self, epoch: int) -> Iterator[list[list[int]]]:
+        for i in range(self.per_epoch):
+            yield self.get(epoch, i)
+
+
+def collate(samples: Samples, rows: list[list[int]], *, pad_id: int, seq_len: int | None,
+            packed: bool) -> dict[str, Any]:
+    """Tensors of one micro-batch.
+
+    Returns ``input_ids`` / ``position_ids`` / ``targets`` of shape [batch, length] (int64), plus
+    ``attention_mask`` when rows are padded samples rather than packed ones, and ``n_tokens`` (real tokens)
+    and ``n_targets`` (tokens the loss counts). Packed rows are padded to ``seq_len`` (a fixed shape for
+    torch.compile); unpacked ones to the batch's longest row rounded up to a multiple of 8.
+    """
+    import torch
+
+    longest = max(sum(int(samples.lengths()[i]) for i in row) for row in rows)
+    width = seq_len if packed and seq_len else -(-longest // 8) * 8
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ids, labs = samples.sample(i)
+            n = len(ids)
+            input_ids[r, at:at + n] = ids
+            targets[r, at:at + n - 1] = labs[1:]  # next-token targets, never across samples
+            positions[r, at:at + n] = np.arange(n)
+            mask[r, at:at + n] = 1
+            at += n
+        positions[r, at:] = np.arange(width - at)  # padding is a segment of its own: it attends to nothing real
+    batch: dict[str, Any] = {
+        "input_ids": torch.from_numpy(input_ids),
+        "position_ids": torch.from_numpy(positions),
+        "targets": torch.from_numpy(targets),
+        "n_tokens": int(mask.sum()),
+        "n_targets": int((targets != IGNORE).sum()),
+    }
+    if not packed:
+        batch["attention_mask"] = torch.from_numpy(mask)
+    return batch

@@ -1,0 +1,106 @@
+"""What a finished run leaves in ``output_dir``: the model (or adapter) as safetensors, the tokenizer with its chat
+template, and a model card README saying what was trained on what."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from impruver.hub import is_local
+from impruver.plan import atomic_write_text
+
+if TYPE_CHECKING:
+    from impruver.plan import Plan
+
+log = logging.getLogger("impruver")
+BASE_DIR = "base"  # an adapter's base, saved beside it when it exists nowhere else (random weights)
+
+
+def base_needs_saving(plan: Plan) -> bool:
+    """An adapter's base must be saved with it when it was built here (random weights) rather than loaded."""
+    return plan.model.weights == "random" or not plan.model.path
+
+
+def save_base(model: Any, output_dir: str | Path) -> Path:
+    """Save the frozen base (before the adapters wrap it) to ``output_dir/base``."""
+    folder = Path(output_dir) / BASE_DIR
+    model.save_pretrained(folder)
+    return folder
+
+
+def save_model(model: Any, tokenizer: Any, plan: Plan, *, adapter: bool) -> None:
+    """Write the model (or adapter) and the tokenizer into ``plan.output_dir``.
+
+    An adapter's config names its base so that ``peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)``
+    loads it: the Hub id, the absolute path of a local base, or the ``base/`` folder saved beside it.
+    """
+    out = Path(plan.output_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if adapter:
+        if base_needs_saving(plan):
+            base = str((out / BASE_DIR).resolve())
+        elif plan.model.path and is_local(plan.model.path):
+            base = str(Path(plan.model.path).resolve())
+        else:
+            base = plan.model.path
+        config_path = out / "adapter_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = base
+        atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True))
+        if (out / BASE_DIR).is_dir():
+            tokenizer.save_pretrained(out / BASE_DIR)
+
+
+def write_card(plan: Plan, summary: dict[str, Any]) -> Path:
+    """README.md: the model, the method, the data and the results, and how to load the output."""
+    model = plan.model.path or (f"{plan.model.arch.family} {plan.model.arch.n_layer} x {plan.model.arch.n_embd}"
+                                if plan.model.arch else plan.model.builder)
+    weights = "random weights (trained from scratch)" if plan.model.weights == "random" else "pretrained weights"
+    method = plan.method.builder
+    if plan.method.lora is not None:
+        lora = plan.method.lora
+        method += f" (r={lora.r}, alpha={lora.alpha}, targets={lora.target_modules}"
+        method += f", modules_to_save={lora.modules_to_save})" if lora.modules_to_save else ")"
+    sources = "\n".join(f"- `{s.path}` (format `{s.format}`{', loss on the whole text' if not s.only_target_loss else ''})"
+                        for s in plan.sources.values())
+    t = plan.train
+    adapter = plan.method.builder in ("lora", "qlora")
+    load = ("from peft import AutoPeftModelForCausalLM\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({plan.output_dir!r})"
+            if adapter else
+            "from transformers import AutoModelForCausalLM\n"
+            f"model = AutoModelForCausalLM.from_pretrained({plan.output_dir!r})")
+    text = f"""---
+library_name: {'peft' if adapter else 'transformers'}
+tags: [impruver, {plan.method.builder}]
+---
+# {Path(plan.output_dir).name}
+
+Trained with impruver{f' (preset `{plan.preset}`)' if plan.preset else ''}.
+
+- **Model:** {model}, {weights}
+- **Method:** {method}
+- **Data:**
+{sources}
+- **Training:** {summary.get('steps')} optimizer steps of {t.batch_size} x {summary.get('world_size', 1)} rows x {t.grad_accum} accumulation, {plan.seq_len} tokens per row ({'packed' if t.packing else 'padded'}), lr {t.lr} ({t.scheduler}, {t.warmup_steps} warmup), optimizer {t.optimizer}, precision {plan.hardware.mixed_precision}
+- **Tokens trained on:** {summary.get('tokens', 0):,}
+- **Final train loss:** {_fmt(summary.get('train_loss'))}; **eval loss:** {_fmt(summary.get('eval_loss'))}{f" (best at step {summary['best_step']})" if summary.get('best_step') else ''}
+
+The full configuration is in `plan.yaml`; per-step metrics in `metrics.jsonl`.
+
+```python
+{load}
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained({plan.output_dir!r})
+```
+"""
+    target = Path(plan.output_dir) / "README.md"
+    atomic_write_text(target, text)
+    return target
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "n/a"
