@@ -8,6 +8,7 @@ tokenizer, a training run still writing checkpoints, a truncated safetensors fil
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,3 +332,23 @@ def context_length(model: Any, plan: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return plan.context_length
+
+
+def quiet_libraries() -> None:
+    """Keep library warnings (generation flags, hub notices) out of the conversation."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("peft", "torch", "accelerate", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # after importing transformers, which sets its own level once
+    hf_logging.disable_progress_bar()  # "Loading weights" bars
+
+
+def seed(value: int) -> None:
+    """Seed torch's generator once per session, so a sampled conversation can be replayed."""
+    import torch
+
+    torch.manual_seed(value)

@@ -13,7 +13,6 @@ With stdin not a terminal, each input line is a user turn (or a /command) and ea
 from __future__ import annotations
 
 import json
-import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -92,15 +91,15 @@ def run(plan: Any, *, prompt: str | None = None) -> int:
     Returns:
         0 (problems raise :class:`~impruver.errors.RunError`, exit status 2).
     """
-    from impruver.chat.load import locate
+    from impruver.chat.load import locate, quiet_libraries, seed
 
     locate(plan.output_dir, model_path=plan.model.path)  # a missing model fails before torch is imported
-    _quiet_libraries()
+    quiet_libraries()
     try:
         from impruver.chat.load import load
 
         loaded = load(plan)
-        _seed(plan.chat.seed)
+        seed(plan.chat.seed)
         session = Session(loaded, plan.chat, system=plan.chat.system_prompt)
         if prompt is not None:
             return one_shot(session, prompt, sys.stdout)
@@ -256,22 +255,3 @@ def _readline() -> None:
         import readline  # noqa: F401  importing it is what turns line editing on for input()
     except ImportError:  # Windows without pyreadline: plain input still works
         pass
-
-
-def _quiet_libraries() -> None:
-    """Keep library warnings (generation flags, hub notices) out of the conversation."""
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    for name in ("peft", "torch", "accelerate", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # after importing transformers, which sets its own level once
-    hf_logging.disable_progress_bar()  # "Loading weights" bars
-
-
-def _seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
