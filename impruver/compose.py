@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +89,6 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
     except OmegaConfBaseException as exc:
         problems.append(Problem("", _one_line(exc)))
         config = {}
-    problems += [Problem(key, f"required: set it, e.g. {key}=VALUE") for key in _missing(config)]
     if problems:
         raise ConfigError(problems, source=config_file)
     return Composed(config=config, choices=choices, source=config_file, added_keys=added)
@@ -238,17 +237,6 @@ def _apply(cfg: DictConfig, o: Override) -> Problem | None:
     except (OmegaConfBaseException, ValueError, TypeError) as exc:
         return Problem(key, _one_line(exc))
     return None
-
-
-def _missing(config: Any, prefix: str = "") -> Iterator[str]:
-    if isinstance(config, dict):
-        for k, v in config.items():
-            yield from _missing(v, f"{prefix}{k}.")
-    elif isinstance(config, list):
-        for i, v in enumerate(config):
-            yield from _missing(v, f"{prefix}{i}.")
-    elif config == "???":
-        yield prefix.rstrip(".")
 
 
 def _one_line(exc: BaseException) -> str:

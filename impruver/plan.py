@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -356,7 +357,9 @@ TOP_LEVEL = {"preset", "output_dir", "train_path", "val_path", "seed", *SECTIONS
 def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) -> Plan:
     """Validate a composed configuration (plain dict) into a Plan, or raise ConfigError with every problem."""
     choices = dict(choices or {})
-    problems: list[Problem] = []
+    missing = list(_missing(config))
+    config = _without_missing(config)
+    problems: list[Problem] = [Problem(key, f"required: set it, e.g. {key}=VALUE") for key in missing]
     for key in config:
         if key not in TOP_LEVEL:
             problems.append(Problem(key, f"unknown key; {choices_hint(key, TOP_LEVEL)}"))
@@ -372,7 +375,7 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
         try:
             sections[name] = spec.model_validate(raw)
         except ValidationError as exc:
-            problems.extend(_problems_from(exc, spec, prefix=name))
+            problems.extend(p for p in _problems_from(exc, spec, prefix=name) if p.key not in missing)
 
     if len(sections) == len(SECTIONS):
         sections = _resolve_defaults(sections, choices)
@@ -401,6 +404,24 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
         **sections,
     )
     return _with_memory_estimate(plan)
+
+
+MISSING = "???"  # Hydra's mark for a value the user must give
+
+
+def _missing(config: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield from _missing(value, f"{prefix}{key}.")
+    elif config == MISSING:
+        yield prefix.rstrip(".")
+
+
+def _without_missing(config: Any) -> Any:
+    """The config without ``???`` values, so that each is reported once, as missing, not also as a bad value."""
+    if isinstance(config, dict):
+        return {k: _without_missing(v) for k, v in config.items() if v != MISSING}
+    return config
 
 
 def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:

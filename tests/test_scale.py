@@ -1,0 +1,85 @@
+"""Scale-out: launch plans for several processes and machines, Hydra launchers, sweeps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from impruver import cli, launch
+from impruver.compose import compose
+from impruver.plan import Plan, make_plan
+from impruver.sweep import collect
+
+
+def plan_of(*overrides: str) -> Plan:
+    composed = compose(list(overrides))
+    return make_plan(composed.config, choices=composed.choices)
+
+
+def test_multinode_plan_shows_the_accelerate_launch(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["plan", "hardware=multinode", "hardware.num_machines=2", "hardware.machine_rank=0",
+            "hardware.main_process_ip=10.0.0.1", "model=rugpt3large", "method=full", "dataset=saiga2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "16 processes on 2 machine(s)" in out
+    assert "--num_machines 2" in out and "--machine_rank 0" in out and "--main_process_ip 10.0.0.1" in out
+    assert "-m impruver.worker outputs/rugpt3large_full_saiga2/plan.yaml" in out
+    assert "estimated peak GPU memory per device" in out
+
+
+def test_launch_commands_per_profile() -> None:
+    ddp = launch.launch_command(plan_of("hardware=ddp", "hardware.num_processes=4", "model=rugpt3small",
+                                        "method=full", "dataset=saiga2"), "p.yaml")
+    assert ddp[ddp.index("--num_processes") + 1] == "4" and "--multi_gpu" in ddp
+    fsdp = launch.launch_command(plan_of("hardware=fsdp", "model=rugpt3large", "method=full", "dataset=saiga2"),
+                                 "p.yaml")
+    assert "--use_fsdp" in fsdp and fsdp[fsdp.index("--fsdp_sharding_strategy") + 1] == "FULL_SHARD"
+    assert fsdp[fsdp.index("--fsdp_activation_checkpointing") + 1] == "true"
+    zero3 = launch.launch_command(plan_of("hardware=deepspeed_zero3", "model=rugpt3large", "method=full",
+                                          "dataset=saiga2"), "p.yaml")
+    assert zero3[zero3.index("--zero_stage") + 1] == "3"
+    cpu = plan_of("hardware=cpu_ddp")
+    assert launch.needs_launch(cpu) and "--multi_gpu" in launch.launch_command(cpu, "p.yaml")
+    assert launch.launch_env(cpu)["ACCELERATE_USE_CPU"] == "true"
+    assert not launch.needs_launch(plan_of())
+
+
+def test_sharding_lowers_the_per_device_estimate() -> None:
+    single = plan_of("hardware=gpu80gb", "model=rugpt3large", "method=full", "dataset=saiga2")
+    fsdp = plan_of("hardware=fsdp", "hardware.num_processes=8", "model=rugpt3large", "method=full",
+                   "dataset=saiga2")
+    assert fsdp.memory.optimizer_gib == pytest.approx(single.memory.optimizer_gib / 8, rel=0.01)
+    assert fsdp.memory.total_gib < single.memory.total_gib
+
+
+def test_multinode_needs_the_main_address() -> None:
+    from impruver.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        plan_of("hardware=multinode", "hardware.machine_rank=2")
+    text = str(info.value)
+    assert "hardware.main_process_ip" in text and "hardware.machine_rank" in text
+
+
+@pytest.mark.parametrize("launcher", ["submitit_slurm", "joblib"])
+def test_hydra_launchers_compose(capsys: pytest.CaptureFixture[str], launcher: str) -> None:
+    pytest.importorskip(f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher")
+    assert cli.main([f"hydra/launcher={launcher}", "--cfg", "hydra"]) == 0
+    hydra_cfg = yaml.safe_load(capsys.readouterr().out)["hydra"]
+    assert hydra_cfg["runtime"]["choices"]["hydra/launcher"] == launcher
+    assert "sweep_summary" in hydra_cfg["callbacks"]
+
+
+def test_sweep_summary_marks_the_best(tmp_path: Path) -> None:
+    for num, (lr, best) in enumerate([("1e-3", 2.5), ("3e-3", 2.1), ("1e-2", float("nan"))]):
+        job = tmp_path / f"{num}_train.lr={lr}"
+        job.mkdir()
+        (job / "run_summary.json").write_text(json.dumps({"overrides": [f"train.lr={lr}"], "best_eval_loss": best,
+                                                          "final_eval_loss": best, "tokens_per_second": 100.0}))
+    summary = collect(tmp_path)
+    assert summary["jobs"] == 3
+    assert summary["best"] == str(tmp_path / "1_train.lr=3e-3")
+    assert [r["best"] for r in summary["runs"]] == [False, True, False]
