@@ -1,5 +1,89 @@
-"""Chat templates (placeholder registrations: being written by the data work; replaced wholesale)."""
+"""Chat templates by name (Jinja source, as ``tokenizer.chat_template`` holds it).
+
+``tokenizer.chat_template`` in a plan is a registered name (below), a ``.jinja`` file, or inline Jinja source.
+Templates get the variables Hugging Face templates get: ``messages``, ``tools``, ``add_generation_prompt`` and the
+tokenizer's special tokens (``bos_token``, ``eos_token``...).
+
+How a template sees impruver's roles (see :func:`impruver.data.render.template_messages`):
+
+* a template whose source names the role ``function_call`` renders impruver's roles as they are (saiga, chatml);
+* one that knows ``tool_calls`` gets OpenAI-style assistant tool calls and ``tool`` messages (Qwen3, ...);
+* any other gets a call as an assistant turn (its JSON as text) and a tool's answer as a user turn.
+
+A template that never reads ``tools`` gets the function schemas written into its system turn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from impruver.errors import ConfigError, Problem, choices_hint
 from impruver.registry import templates
 
-for _name in ("saiga", "zephyr", "chatml"):
-    templates.register(_name, func=lambda: "")
+# Saiga / rulm style for the rugpt3 and ruGPT-3.5 models (see rulm's saiga v2 prompt template): every turn is
+# `<s>{role}\n{content}</s>\n`, the assistant's role is written `bot`; tool calls and their results are turns of
+# their own (function_call / function_response). Generation starts after `<s>bot\n`.
+SAIGA = (
+    "{%- for message in messages %}"
+    "{%- set role = 'bot' if message['role'] == 'assistant' else message['role'] %}"
+    "{#- roles: system, user, assistant (bot), function_call, function_response #}"
+    "{{- bos_token + role + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- bos_token + 'bot\\n' }}{%- endif %}"
+)
+
+# zephyr (HuggingFaceH4/zephyr-7b-beta; the TinyLlama-1.1B-Chat-v1.0 template, verbatim).
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+    "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+# ChatML (<|im_start|>role ... <|im_end|>); tool calls and results as turns named function_call / function_response.
+CHATML = (
+    "{%- for message in messages %}"
+    "{#- roles: system, user, assistant, function_call, function_response #}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@templates("saiga")
+def saiga() -> str:
+    """Saiga / rulm turns ``<s>{role}\\n{content}</s>\\n`` (assistant = bot), for rugpt3 and ruGPT-3.5."""
+    return SAIGA
+
+
+@templates("zephyr")
+def zephyr() -> str:
+    """zephyr-7b-beta's template (``<|user|>\\n...</s>``), as TinyLlama-Chat ships it."""
+    return ZEPHYR
+
+
+@templates("chatml")
+def chatml() -> str:
+    """ChatML (``<|im_start|>role\\n...<|im_end|>``); tool turns keep impruver's role names."""
+    return CHATML
+
+
+def resolve_template(value: str, *, key: str = "tokenizer.chat_template") -> str:
+    """Jinja source for a registered name, a ``.jinja`` file path, or inline Jinja source.
+
+    Raises:
+        ConfigError: an unknown name (listing the registered ones) or a missing file.
+    """
+    from impruver import registry
+
+    if "{{" in value or "{%" in value:
+        return value
+    if value.endswith(".jinja"):
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ConfigError([Problem(key, f"no template file at {value}")])
+        return path.read_text(encoding="utf-8")
+    if not registry.has("templates", value):
+        raise ConfigError([Problem(key, f"unknown template '{value}'; "
+                                        f"{choices_hint(value, registry.names('templates'))}")])
+    return registry.lookup("templates", value)()

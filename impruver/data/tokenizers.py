@@ -1,5 +1,131 @@
-"""Tokenizer builders (placeholder registrations: being written by the data work; replaced wholesale)."""
+"""Tokenizer builders (``tokenizer.builder``) and the plan's tokenizer with its chat template attached.
+
+* ``hf``: a tokenizer from a local folder or a Hub id (``AutoTokenizer``, or the user's own class via
+  ``class_path``); remote code only when ``trust_remote_code`` is set.
+* ``bpe``: a byte-level BPE that impruver trains on the composed conversations (for models built from scratch),
+  with ``<pad>`` (0), ``<s>`` (1), ``</s>`` (2), ``<unk>`` (3); saved, it loads with ``AutoTokenizer``.
+
+transformers and tokenizers are imported inside the functions: registering these builders stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+from impruver.errors import ConfigError, Problem, RunError
 from impruver.registry import tokenizers
 
-for _name in ("hf", "bpe"):
-    tokenizers.register(_name, func=lambda **kw: None)
+BPE_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+@tokenizers("hf")
+def hf_tokenizer(
+    *,
+    path: str,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    class_path: str | None = None,
+) -> Any:
+    """A Hugging Face tokenizer from a local folder or a Hub id.
+
+    Args:
+        path: local folder, or Hub id (fails at once, with the fix, when the Hub is unreachable).
+        trust_remote_code: run the repository's own tokenizer code (off unless the config says so).
+        revision: Hub revision.
+        class_path: ``package.module:Class`` of your own tokenizer class (its ``from_pretrained`` is used).
+
+    Examples:
+        >>> tok = hf_tokenizer(path="/models/rugpt3small")  # doctest: +SKIP
+    """
+    from impruver.hub import hub_unreachable, is_local, require_reachable
+
+    require_reachable(path, "tokenizer", "tokenizer.path")
+    loader = _import_class(class_path) if class_path else None
+    if loader is None:
+        from transformers import AutoTokenizer
+
+        loader = AutoTokenizer
+    try:
+        return loader.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as exc:
+        if not is_local(path):
+            raise hub_unreachable(path, "tokenizer", "tokenizer.path", exc) from None
+        raise RunError(f"tokenizer.path: cannot load a tokenizer from {path}: {exc}") from None
+
+
+@tokenizers("bpe")
+def bpe_tokenizer(*, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Any:
+    """A byte-level BPE trained on ``texts`` (injected: the composed conversations' text).
+
+    Args:
+        texts: the training text, streamed.
+        vocab_size: tokens in the vocabulary, special tokens included.
+        min_frequency: pairs seen fewer times are never merged.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+        special_tokens=list(BPE_SPECIAL_TOKENS.values()), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, **BPE_SPECIAL_TOKENS)
+
+
+def _import_class(class_path: str) -> Any:
+    module, _, name = class_path.replace(":", ".").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError([Problem("tokenizer.class_path", f"cannot import {class_path}: {exc}")]) from None
+
+
+def build_tokenizer(spec: Any, *, texts: Iterable[str] | None = None) -> Any:
+    """The plan's tokenizer: built by its builder, special tokens added, chat template attached.
+
+    Args:
+        spec: the plan's :class:`~impruver.plan.TokenizerSpec`.
+        texts: training text for builders that learn a vocabulary (``bpe``).
+
+    Raises:
+        ConfigError: no chat template anywhere, or an unknown template name.
+    """
+    from impruver import registry
+    from impruver.data.templates import resolve_template
+
+    builder = registry.lookup("tokenizers", spec.builder)
+    if spec.builder == "bpe":
+        tokenizer = builder(texts=texts or [], vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
+                            **spec.options)
+    elif spec.builder == "hf":
+        if not spec.path:
+            raise ConfigError([Problem("tokenizer.path", "the hf tokenizer needs a path (a folder or Hub id)")])
+        tokenizer = builder(path=spec.path, trust_remote_code=spec.trust_remote_code, class_path=spec.class_path,
+                            **spec.options)
+    else:  # a plugin's builder: its own options, plus the training text if it asks for it
+        import inspect
+
+        takes_texts = "texts" in inspect.signature(builder).parameters
+        tokenizer = builder(**spec.options, **({"texts": texts} if takes_texts else {}))
+    if spec.special_tokens:
+        tokenizer.add_special_tokens(dict(spec.special_tokens))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; the collator needs some id
+    template = resolve_template(spec.chat_template) if spec.chat_template else tokenizer.chat_template
+    if not template:
+        raise ConfigError([Problem("tokenizer.chat_template", "the tokenizer has no chat template and none is "
+                                   "configured; set tokenizer.chat_template (saiga, zephyr, chatml, a .jinja "
+                                   "file, or Jinja source)")])
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def special_tokens_of(tokenizer: Any) -> dict[str, str]:
+    """bos_token, eos_token, ... as strings: the variables a chat template gets."""
+    return {k: str(v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}

@@ -1,0 +1,124 @@
+"""Exact and near-duplicate detection across every source, before the train / validation split.
+
+* Exact: a 64-bit hash of the normalized text (lower case, runs of whitespace collapsed).
+* Near: MinHash over word shingles (``shingle_size`` consecutive words, so word ORDER matters: a text and its
+  reversal share almost no shingles), LSH banding to find candidates, and a check that the estimated Jaccard
+  similarity reaches ``threshold``. The first occurrence is kept.
+
+Signatures are computed in the worker processes (:func:`signature`); the grouping works on numpy arrays, so a
+million conversations cost a few hundred MB of arrays, not a million Python objects.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import numpy as np
+import xxhash
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_SPACE = re.compile(r"\s+")
+_PRIME = np.uint64((1 << 61) - 1)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def normalize(text: str) -> str:
+    return _SPACE.sub(" ", text.lower()).strip()
+
+
+def exact_key(text: str) -> int:
+    """64-bit hash of the normalized text."""
+    return xxhash.xxh64_intdigest(normalize(text).encode())
+
+
+def shingles(text: str, size: int) -> np.ndarray:
+    """32-bit hashes of the distinct runs of ``size`` consecutive words (order-aware)."""
+    words = _WORD.findall(text.lower())
+    if len(words) <= size:
+        grams = [" ".join(words)]
+    else:
+        grams = [" ".join(words[i:i + size]) for i in range(len(words) - size + 1)]
+    return np.unique(np.fromiter((xxhash.xxh32_intdigest(g.encode()) for g in grams), dtype=np.uint64, count=len(grams)))
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.RandomState(seed)  # fixed: signatures must not change between runs
+    a = rng.randint(1, 1 << 32, size=num_perm, dtype=np.uint64)
+    b = rng.randint(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def signature(text: str, *, num_perm: int, shingle_size: int) -> np.ndarray:
+    """The MinHash signature of ``text``: ``num_perm`` uint32 values."""
+    hashes = shingles(text, shingle_size)
+    a, b = _permutations(num_perm)
+    # (a * h + b) mod p over all (permutation, shingle) pairs; uint64 arithmetic wraps, which is deterministic.
+    values = (np.outer(a, hashes) + b[:, None]) % _PRIME & _MASK32  # (num_perm, n_shingles)
+    return values.min(axis=1).astype(np.uint32)
+
+
+@lru_cache(maxsize=32)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false positives + false negatives around ``threshold`` (as datasketch does)."""
+    grid = np.linspace(0, 1, 201)
+    best, best_error = (1, num_perm), float("inf")
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            probability = 1 - (1 - grid**rows) ** bands
+            below, above = grid <= threshold, grid >= threshold
+            error = np.trapezoid(probability[below], grid[below]) + np.trapezoid(1 - probability[above], grid[above])
+            if error < best_error:
+                best, best_error = (bands, rows), error
+    return best
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One 64-bit key per band of a signature."""
+    view = sig[: bands * rows].reshape(bands, rows)
+    return np.fromiter((xxhash.xxh64_intdigest(row.tobytes()) for row in view), dtype=np.uint64, count=bands)
+
+
+def first_occurrences(keys: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Boolean mask over ``keys``: True where a candidate's key was already seen at an earlier candidate."""
+    duplicate = np.zeros(len(keys), dtype=bool)
+    index = np.flatnonzero(candidates)
+    if len(index) == 0:
+        return duplicate
+    _, first = np.unique(keys[index], return_index=True)
+    keep = np.zeros(len(index), dtype=bool)
+    keep[first] = True
+    duplicate[index[~keep]] = True
+    return duplicate
+
+
+def near_duplicates(bands: np.ndarray, signatures: np.ndarray, candidates: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean mask: True for a candidate whose estimated Jaccard similarity with an earlier candidate sharing
+    one of its LSH bands reaches ``threshold``.
+
+    Args:
+        bands: (n, bands) uint64 band keys.
+        signatures: (n, num_perm) uint32 MinHash signatures (a memmap is fine: only candidate rows are read).
+        candidates: (n,) bool, the rows to consider (valid, not exact duplicates).
+        threshold: Jaccard similarity that counts as a duplicate.
+    """
+    index = np.flatnonzero(candidates)
+    duplicate = np.zeros(len(candidates), dtype=bool)
+    if len(index) < 2:
+        return duplicate
+    pairs = []
+    for band in range(bands.shape[1]):
+        column = bands[index, band]
+        order = np.argsort(column, kind="stable")  # equal keys stay in index order: the first is the earliest
+        sorted_keys = column[order]
+        starts = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+        group_first = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+        later = ~starts
+        pairs.append(np.stack([index[order[later]], index[order[group_first[later]]]], axis=1))
+    found = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), dtype=np.int64)
+    for start in range(0, len(found), 65536):  # bounded memory: candidate pairs in blocks
+        block = found[start:start + 65536]
+        similarity = (np.asarray(signatures[block[:, 0]]) == np.asarray(signatures[block[:, 1]])).mean(axis=1)
+        duplicate[block[similarity >= threshold, 0]] = True
+    return duplicate

@@ -1,0 +1,495 @@
+"""`impruver compose`: a mix of datasets into training and validation sets.
+
+Recipe: fingerprint -> (reuse) -> tokenizer -> stream every source in chunks through the worker processes
+(convert, render, tokenize, mask, dedup keys; samples to shard files) -> exact and near dedup across all sources
+-> seeded split -> weights -> train / val JSONL, tokenizer folder and ``compose_report.json`` published
+atomically. Nothing is published when anything fails.
+
+Outputs (beside ``plan.train_path``): the train and val JSONL files (``{"input_ids", "labels", "attention_mask"}``
+per line, labels -100 where not trained), ``tokenizer/`` (the final tokenizer with its chat template) and
+``compose_report.json`` (counts per source, token statistics, the fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from impruver.data import convert, dedup
+from impruver.data.render import IGNORE_INDEX, SourceOptions
+from impruver.data.sources import fingerprint_source, iter_items
+from impruver.errors import RunError
+from impruver.ui import console, log
+
+DATA_VERSION = 1  # bump when the same inputs would give different outputs
+CHUNK = 512  # records per task sent to a worker
+REPORT = "compose_report.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class ComposeResult:
+    """Where the composed data is, and whether it was reused from an earlier run."""
+
+    train_path: Path
+    val_path: Path
+    report_path: Path
+    tokenizer_dir: Path
+    fingerprint: str
+    reused: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# -- public entry points ----------------------------------------------------------------------------------------
+
+
+def run(plan: Any, *, force: bool = False, inspect: int | str | None = None) -> ComposeResult:
+    """The `impruver compose` stage: compose (or reuse), print the report, optionally show samples.
+
+    Args:
+        plan: the validated plan.
+        force: recompose even when the fingerprint matches.
+        inspect: show this many rendered training samples with the trained tokens highlighted.
+    """
+    result = compose(plan, force=force)
+    show_report(result.report, reused=result.reused)
+    if inspect:
+        show_samples(result, int(inspect))
+    return result
+
+
+def ensure_composed(plan: Any) -> ComposeResult:
+    """Compose only when the fingerprint of sources, settings, tokenizer and template changed (for training)."""
+    return compose(plan, force=False)
+
+
+def load_composed_tokenizer(plan: Any) -> Any:
+    """The tokenizer saved by the last compose of this plan (chat template and special tokens included)."""
+    from transformers import AutoTokenizer
+
+    folder = paths_of(plan)["tokenizer"]
+    if not (folder / "tokenizer_config.json").is_file():
+        raise RunError(f"no composed tokenizer at {folder}: run `impruver compose` first")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def paths_of(plan: Any) -> dict[str, Path]:
+    data = Path(plan.train_path).parent
+    return {"train": Path(plan.train_path), "val": Path(plan.val_path), "report": data / REPORT,
+            "tokenizer": data / TOKENIZER_DIR, "data": data}
+
+
+# -- fingerprint ---------------------------------------------------------------------------------------------------
+
+
+def fingerprint(plan: Any) -> str:
+    """sha256 of everything the outputs depend on: sources' content, dataset settings, tokenizer, template."""
+    from impruver.data.templates import resolve_template
+
+    tok = plan.tokenizer
+    dataset = plan.dataset.model_dump(mode="json")
+    dataset.pop("num_proc", None)  # outputs do not depend on the number of processes
+    payload = {
+        "version": DATA_VERSION,
+        "dataset": dataset,
+        "max_tokens": plan.max_tokens,
+        "tokenizer": tok.model_dump(mode="json"),
+        "template": resolve_template(tok.chat_template) if tok.chat_template else None,
+        "tokenizer_files": _folder_digest(tok.path) if tok.builder == "hf" and tok.path else None,
+        "sources": {name: fingerprint_source(spec, name) for name, spec in plan.sources.items()},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _folder_digest(path: str) -> str | None:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None  # a Hub id: its name (in the spec) is what identifies it
+    hasher = xxhash.xxh64()
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and (file.suffix in (".json", ".txt", ".model", ".jinja") or "token" in file.name):
+            hasher.update(file.name.encode())
+            hasher.update(file.read_bytes())
+    return hasher.hexdigest()
+
+
+def _up_to_date(paths: dict[str, Path], digest: str) -> dict[str, Any] | None:
+    """The saved report when every output exists and was made from the same fingerprint."""
+    if not all(paths[k].exists() for k in ("train", "val", "report", "tokenizer")):
+        return None
+    try:
+        report = json.loads(paths["report"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if report.get("fingerprint") == digest else None
+
+
+# -- the recipe ----------------------------------------------------------------------------------------------------
+
+
+def compose(plan: Any, *, force: bool = False) -> ComposeResult:
+    """Compose the plan's dataset, or reuse the last composition when nothing it depends on changed."""
+    paths = paths_of(plan)
+    digest = fingerprint(plan)
+    saved = None if force else _up_to_date(paths, digest)
+    if saved is not None:
+        log.info("dataset up to date (fingerprint %s): reusing %s", digest[:12], paths["data"])
+        return _result(paths, digest, saved, reused=True)
+    paths["data"].mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
+    try:
+        tokenizer = _prepare_tokenizer(plan, work / TOKENIZER_DIR)
+        settings = _settings(plan, work / TOKENIZER_DIR)
+        collected = _process_sources(plan, settings, work)
+        decisions = _decide(plan, collected)
+        stats = _write_outputs(collected, decisions, work)
+        report = _report(plan, digest, tokenizer, collected, decisions, stats)
+        _publish(paths, work, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _result(paths, digest, report, reused=False)
+
+
+def _result(paths: dict[str, Path], digest: str, report: dict[str, Any], reused: bool) -> ComposeResult:
+    return ComposeResult(paths["train"], paths["val"], paths["report"], paths["tokenizer"], digest, reused, report)
+
+
+def _settings(plan: Any, tokenizer_dir: Path) -> dict[str, Any]:
+    """Everything a worker needs, as plain picklable values."""
+    spec = plan.dataset.dedup
+    bands, rows = dedup.lsh_params(spec.threshold, spec.num_perm)
+    sources = {}
+    for name, src in plan.sources.items():
+        limit = min(src.max_tokens or plan.max_tokens, plan.max_tokens)
+        sources[name] = {
+            "name": name, "format": src.format, "options": dict(src.options), "mapping": dict(src.mapping),
+            "system": src.system,
+            "render": SourceOptions(src.only_target_loss, src.add_bos, src.add_eos, limit, plan.dataset.length_policy),
+        }
+    return {"tokenizer_dir": str(tokenizer_dir), "sources": sources, "on_error": plan.dataset.on_error,
+            "dedup": {"near": spec.near, "num_perm": spec.num_perm, "shingle_size": spec.shingle_size,
+                      "bands": bands, "rows": rows}}
+
+
+def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
+    """Build the plan's tokenizer (a BPE is trained on the sources' text) and save it for the workers."""
+    from impruver.data.tokenizers import build_tokenizer
+
+    texts = _training_texts(plan) if plan.tokenizer.builder == "bpe" else None
+    tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _training_texts(plan: Any) -> Iterator[str]:
+    """The sources' message text, streamed, for training a BPE."""
+    settings = _settings(plan, Path("."))
+    for name, spec in plan.sources.items():
+        source = settings["sources"][name]
+        counts = convert.new_counts()
+        items = iter_items(spec, name=name, seed=plan.dataset.seed)
+        for _, conversation in convert.convert_items(items, source, plan.dataset.on_error, counts):
+            if "text" in conversation:
+                yield conversation["text"]
+            else:
+                yield "\n".join(m["content"] for m in conversation["messages"])
+
+
+def _tasks(plan: Any, work: Path) -> Iterator[tuple[int, str, list[tuple[str, Any]], str]]:
+    """Chunks of records, source after source, each with the shard file its samples go to."""
+    index = 0
+    for name, spec in plan.sources.items():
+        chunk: list[tuple[str, Any]] = []
+        for item in iter_items(spec, name=name, seed=plan.dataset.seed):
+            chunk.append(item)
+            if len(chunk) == CHUNK:
+                yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
+                index, chunk = index + 1, []
+        if chunk:
+            yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
+            index += 1
+
+
+def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Run every chunk (in worker processes when there is more than one chunk and more than one core)."""
+    collected = _Collector(list(plan.sources), work, settings["dedup"]["num_perm"])
+    tasks = _tasks(plan, work)
+    head = [t for _, t in zip(range(2), tasks)]
+    processes = plan.dataset.num_proc or len(os.sched_getaffinity(0))
+    if processes < 2 or len(head) < 2:
+        convert.init_worker(settings)
+        for task in [*head, *tasks]:
+            collected.add(task[3], convert.process_chunk(task))
+    else:
+        _run_pool(settings, [*head], tasks, processes, collected)
+    return collected.finish()
+
+
+def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], processes: int,
+              collected: _Collector) -> None:
+    """A bounded window of chunks in flight, so records never pile up in memory; results in order."""
+    import multiprocessing as mp
+
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; the workers are the parallelism
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    pool = mp.get_context(method).Pool(processes, initializer=convert.init_worker, initargs=(settings,))
+    try:
+        pending: deque[tuple[str, Any]] = deque()
+        for task in [*head, *tasks]:
+            pending.append((task[3], pool.apply_async(convert.process_chunk, (task,))))
+            while len(pending) >= 2 * processes:
+                shard, handle = pending.popleft()
+                collected.add(shard, handle.get())
+        while pending:
+            shard, handle = pending.popleft()
+            collected.add(shard, handle.get())
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+class _Collector:
+    """Per-chunk results gathered into per-source counts and flat numpy arrays (signatures go to disk)."""
+
+    def __init__(self, names: list[str], work: Path, num_perm: int) -> None:
+        self.names = names
+        self.counts = {n: convert.new_counts() for n in names}
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("exact", "bands", "per_unit", "lengths",
+                                                                   "trainable", "source")}
+        self.shards: list[str] = []
+        self.num_perm = num_perm
+        self.sig_path = work / "signatures.u32"
+        self.sig_file = self.sig_path.open("wb")
+
+    def add(self, shard: str, result: dict[str, Any]) -> None:
+        counts = self.counts[result["source"]]
+        for key, value in result["counts"].items():
+            counts[key] += value
+        for key in ("exact", "per_unit", "lengths", "trainable"):
+            self.parts[key].append(result[key])
+        if result["bands"] is not None:
+            self.parts["bands"].append(result["bands"])
+            self.sig_file.write(result["sigs"].tobytes())
+        self.parts["source"].append(np.full(len(result["exact"]), self.names.index(result["source"]), np.int32))
+        self.shards.append(shard)
+
+    def finish(self) -> dict[str, Any]:
+        self.sig_file.close()
+        flat = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in self.parts.items()}
+        units = len(flat["exact"])
+        signatures = None
+        if self.parts["bands"] and units:
+            signatures = np.memmap(self.sig_path, dtype=np.uint32, mode="r", shape=(units, self.num_perm))
+        return {**flat, "signatures": signatures, "counts": self.counts, "shards": self.shards, "names": self.names}
+
+
+def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Which units (conversations) are duplicates, which go to validation, how often each is repeated."""
+    spec = plan.dataset
+    units = len(collected["exact"])
+    candidates = np.ones(units, dtype=bool)
+    exact_dup = dedup.first_occurrences(collected["exact"], candidates) if spec.dedup.exact else ~candidates
+    candidates &= ~exact_dup
+    near_dup = np.zeros(units, dtype=bool)
+    if spec.dedup.near and collected["signatures"] is not None:
+        near_dup = dedup.near_duplicates(collected["bands"], collected["signatures"], candidates,
+                                         spec.dedup.threshold)
+        candidates &= ~near_dup
+    kept = np.flatnonzero(candidates)
+    val = np.zeros(units, dtype=bool)
+    n_val = _val_count(spec, len(kept))
+    if n_val:
+        val[np.random.default_rng(spec.seed).choice(kept, size=n_val, replace=False)] = True
+    weights = np.array([plan.sources[n].weight for n in collected["names"]])[collected["source"]] if units else \
+        np.zeros(0)
+    draws = np.array([xxhash.xxh64_intdigest(f"{spec.seed}:weight:{u}".encode()) / 2**64 for u in range(units)])
+    repeats = np.where(val, 1, np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
+    repeats[~candidates] = 0
+    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val & candidates, "repeats": repeats}
+
+
+def _val_count(spec: Any, kept: int) -> int:
+    if kept < 2:
+        return 0
+    wanted = spec.val_size if spec.val_size is not None else round((spec.val_fraction or 0) * kept)
+    if wanted == 0 and spec.val_size is None and (spec.val_fraction or 0) > 0:
+        wanted = 1  # asked for validation: never silently none
+    return min(wanted, kept - 1)
+
+
+def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
+    """Stream the shards into train.jsonl / val.jsonl in the work folder; token statistics per split."""
+    per_unit = collected["per_unit"]
+    sample_unit = np.repeat(np.arange(len(per_unit)), per_unit)
+    stats = {"train": _Stats(), "val": _Stats()}
+    with (work / "train.jsonl").open("wb") as train, (work / "val.jsonl").open("wb") as val:
+        position = 0
+        for shard in collected["shards"]:
+            with open(shard, "rb") as handle:
+                for line in handle:
+                    unit = sample_unit[position]
+                    length, trained = collected["lengths"][position], collected["trainable"][position]
+                    position += 1
+                    if decisions["val"][unit]:
+                        val.write(line)
+                        stats["val"].add(length, trained)
+                    for _ in range(decisions["repeats"][unit] if not decisions["val"][unit] else 0):
+                        train.write(line)
+                        stats["train"].add(length, trained)
+    return {k: v.summary() for k, v in stats.items()}
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+        self.trainable = 0
+
+    def add(self, length: int, trainable: int) -> None:
+        self.lengths.append(int(length))
+        self.trainable += int(trainable)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.lengths:
+            return {"samples": 0, "tokens": 0, "trainable_tokens": 0, "trainable_fraction": 0.0}
+        lengths = np.asarray(self.lengths)
+        return {"samples": len(lengths), "tokens": int(lengths.sum()), "trainable_tokens": self.trainable,
+                "trainable_fraction": round(self.trainable / max(1, int(lengths.sum())), 4),
+                "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+                "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
+                "max": int(lengths.max())}
+
+
+def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], decisions: dict[str, np.ndarray],
+            stats: dict[str, Any]) -> dict[str, Any]:
+    sources = {}
+    for i, name in enumerate(collected["names"]):
+        mine = collected["source"] == i
+        counts = collected["counts"][name]
+        sources[name] = {
+            "loaded": counts["loaded"], "converted": counts["converted"],
+            "invalid": dict(sorted(counts["invalid"].items())), "skipped": dict(sorted(counts["skipped"].items())),
+            "too_long": counts["too_long"], "no_trainable": counts["no_trainable"],
+            "duplicates": int((decisions["exact_dup"] & mine).sum() + (decisions["near_dup"] & mine).sum()),
+            "near_duplicates": int((decisions["near_dup"] & mine).sum()),
+            "kept": int(((decisions["repeats"] > 0) | decisions["val"])[mine].sum()),
+            "train_samples": int((decisions["repeats"] * collected["per_unit"])[mine].sum()),
+            "val_samples": int((decisions["val"] * collected["per_unit"])[mine].sum()),
+        }
+    return {
+        "fingerprint": digest, "data_version": DATA_VERSION,
+        "train_path": str(plan.train_path), "val_path": str(plan.val_path),
+        "tokenizer": {"builder": plan.tokenizer.builder, "path": plan.tokenizer.path, "vocab_size": len(tokenizer),
+                      "chat_template": plan.tokenizer.chat_template or "(the tokenizer's own)"},
+        "settings": {"max_tokens": plan.max_tokens, "length_policy": plan.dataset.length_policy,
+                     "on_error": plan.dataset.on_error, "seed": plan.dataset.seed,
+                     "dedup": plan.dataset.dedup.model_dump(mode="json")},
+        "sources": sources, "train": stats["train"], "val": stats["val"],
+    }
+
+
+def _publish(paths: dict[str, Path], work: Path, report: dict[str, Any]) -> None:
+    """Move the outputs into place; the report (which marks them valid) goes last."""
+    from impruver.plan import atomic_write_text
+
+    paths["report"].unlink(missing_ok=True)
+    old = paths["data"] / f".old-tokenizer-{os.getpid()}"
+    if paths["tokenizer"].exists():
+        os.replace(paths["tokenizer"], old)
+    os.replace(work / TOKENIZER_DIR, paths["tokenizer"])
+    shutil.rmtree(old, ignore_errors=True)
+    for split in ("train", "val"):
+        paths[split].parent.mkdir(parents=True, exist_ok=True)
+        if paths[split].parent.resolve() == work.parent.resolve():
+            os.replace(work / f"{split}.jsonl", paths[split])
+        else:  # another filesystem, perhaps: copy beside the target, then rename
+            tmp = paths[split].with_name(f".{paths[split].name}.tmp{os.getpid()}")
+            shutil.copyfile(work / f"{split}.jsonl", tmp)
+            os.replace(tmp, paths[split])
+    atomic_write_text(paths["report"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+
+# -- showing -------------------------------------------------------------------------------------------------------
+
+
+def show_report(report: dict[str, Any], *, reused: bool = False) -> None:
+    """The report as rich tables: per-source counts, then token statistics."""
+    from rich.table import Table
+
+    title = "dataset composition" + (" (reused: nothing changed)" if reused else "")
+    table = Table(title=title, title_justify="left")
+    columns = ("source", "loaded", "converted", "invalid", "skipped", "too long", "duplicates", "kept", "train",
+               "val")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for name, row in report.get("sources", {}).items():
+        table.add_row(name, *map(str, (row["loaded"], row["converted"], _reasons(row["invalid"]),
+                                       _reasons(row["skipped"]), row["too_long"] + row.get("no_trainable", 0),
+                                       row["duplicates"], row["kept"], row["train_samples"], row["val_samples"])))
+    console.print(table)
+    tokens = Table(title="tokens per sample", title_justify="left")
+    for column in ("split", "samples", "tokens", "min", "mean", "p50", "p95", "max", "trained share"):
+        tokens.add_column(column, justify="left" if column == "split" else "right")
+    for split in ("train", "val"):
+        s = report.get(split, {})
+        tokens.add_row(split, *(str(s.get(k, "-")) for k in ("samples", "tokens", "min", "mean", "p50", "p95",
+                                                             "max")), f"{s.get('trainable_fraction', 0):.1%}")
+    console.print(tokens)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    return f"{total} (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")"
+
+
+def show_samples(result: ComposeResult, count: int) -> None:
+    """Print ``count`` training samples as text, the trained tokens highlighted."""
+    from rich.text import Text
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(result.tokenizer_dir)
+    with result.train_path.open(encoding="utf-8") as handle:
+        for n, line in zip(range(count), handle):
+            sample = json.loads(line)
+            text = Text()
+            for trained, run in _runs(sample["input_ids"], sample["labels"]):
+                text.append(tokenizer.decode(run), style="bold green" if trained else "dim")
+            console.rule(f"sample {n + 1}: {len(sample['input_ids'])} tokens, "
+                         f"{sum(1 for x in sample['labels'] if x != IGNORE_INDEX)} trained (green)")
+            console.print(text)
+
+
+def _runs(ids: list[int], labels: list[int]) -> Iterator[tuple[bool, list[int]]]:
+    """Consecutive tokens grouped by whether they are trained on."""
+    run: list[int] = []
+    state = None
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE_INDEX
+        if state is not None and trained != state:
+            yield state, run
+            run = []
+        state = trained
+        run.append(token)
+    if run:
+        yield bool(state), run
+
+
+__all__ = ["ComposeResult", "run", "ensure_composed", "load_composed_tokenizer", "fingerprint"]

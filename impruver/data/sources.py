@@ -1,0 +1,239 @@
+"""Where records come from: local files and folders, files shipped in packages (``pkg://``), and the Hub.
+
+Records are streamed: :func:`iter_items` yields one ``(where, payload)`` at a time, where ``where`` names the
+record for error messages (``file:line`` for local files) and ``payload`` is an unparsed JSON line (parsed later,
+in a worker process) or a record dict. Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction``
+are applied here, before any conversion.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from impruver.errors import DataError
+
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".txt")
+SPLIT = re.compile(r"^(?P<name>[\w.-]+)(\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+Item = tuple[str, Any]  # (where, JSON line or record)
+
+
+def resolve_path(path: str, key: str) -> Path | None:
+    """A local file or folder for ``path`` (``pkg://`` resolved); None for a Hub id.
+
+    Raises:
+        DataError: a local-looking path that does not exist.
+    """
+    from impruver.hub import is_local
+
+    if path.startswith("pkg://"):
+        package, _, rel = path[len("pkg://"):].partition("/")
+        try:
+            from importlib.resources import files
+
+            target = Path(str(files(package).joinpath(rel)))
+        except ModuleNotFoundError:
+            raise DataError(f"{key}: no installed package '{package}' for {path}") from None
+        if not target.exists():
+            raise DataError(f"{key}: {path} does not exist (looked at {target})")
+        return target
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if is_local(path):
+        raise DataError(f"{key}: no file or folder at {path} (relative paths start at {Path.cwd()})")
+    return None
+
+
+def local_files(root: Path, key: str) -> list[Path]:
+    """The data files of a file or folder, sorted."""
+    if root.is_file():
+        return [root]
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not found:
+        raise DataError(f"{key}: the folder {root} holds no {', '.join(SUFFIXES)} files")
+    return found
+
+
+def parse_split(split: str, key: str) -> tuple[str, str | None, str | None]:
+    match = SPLIT.match(split.replace(" ", ""))
+    if not match:
+        raise DataError(f"{key}: cannot read split '{split}'; write e.g. train, train[:1000] or train[10%:50%]")
+    return match["name"], match["start"], match["stop"]
+
+
+def iter_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
+    """Every record of one source, sliced, limited and sampled as it says."""
+    key = f"dataset.sources.{name}.path"
+    root = resolve_path(spec.path, key)
+    split_name, start, stop = parse_split(spec.split, f"dataset.sources.{name}.split")
+    if root is None:
+        items = _hub_items(spec, key)
+    else:
+        files = local_files(root, key)
+        items = _local_items(files, key)
+    if start or stop:
+        total = _count(spec, root, key) if any(v and v.endswith("%") for v in (start, stop)) else None
+        items = _sliced(items, _bound(start, total, 0), _bound(stop, total, None))
+    return _sampled(items, spec, name, seed)
+
+
+def _bound(value: str | None, total: int | None, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if value.endswith("%"):
+        number = round(int(value[:-1]) * (total or 0) / 100)
+        return number if number >= 0 else (total or 0) + number
+    number = int(value)
+    return number if number >= 0 or total is None else total + number
+
+
+def _sliced(items: Iterator[Item], start: int | None, stop: int | None) -> Iterator[Item]:
+    for i, item in enumerate(items):
+        if stop is not None and i >= stop:
+            return
+        if i >= (start or 0):
+            yield item
+
+
+def _sampled(items: Iterator[Item], spec: Any, name: str, seed: int) -> Iterator[Item]:
+    kept = 0
+    threshold = None if spec.fraction is None else int(spec.fraction * 2**64)
+    for i, item in enumerate(items):
+        if spec.limit is not None and kept >= spec.limit:
+            return
+        # A record's fate under `fraction` depends on the seed, the source and its index only: reproducible.
+        if threshold is not None and xxhash.xxh64_intdigest(f"{seed}:{name}:{i}".encode()) >= threshold:
+            continue
+        kept += 1
+        yield item
+
+
+def _count(spec: Any, root: Path | None, key: str) -> int:
+    items = _hub_items(spec, key) if root is None else _local_items(local_files(root, key), key)
+    return sum(1 for _ in items)
+
+
+def _local_items(files: list[Path], key: str) -> Iterator[Item]:
+    for path in files:
+        yielded = 0
+        for item in _file_items(path, key):
+            yielded += 1
+            yield item
+        if not yielded:
+            raise DataError(f"{key}: {path} is empty (no records)")
+
+
+def _file_items(path: Path, key: str) -> Iterator[Item]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _jsonl_items(path)
+    elif suffix == ".json":
+        yield from _json_items(path, key)
+    elif suffix == ".parquet":
+        yield from _parquet_items(path)
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            for i, row in enumerate(csv.DictReader(handle), 2):
+                yield f"{path}:{i}", row
+    elif suffix == ".txt":
+        yield from _text_items(path)
+    else:
+        raise DataError(f"{key}: cannot read {path}: impruver reads {', '.join(SUFFIXES)}")
+
+
+def _jsonl_items(path: Path) -> Iterator[Item]:
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                yield f"{path}:{lineno}", line
+
+
+def _json_items(path: Path, key: str) -> Iterator[Item]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("{") and "\n{" in text:  # JSON lines under a .json name
+            yield from _jsonl_items(path)
+            return
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else [data]
+    if not isinstance(data, list):
+        raise DataError(f"{key}: {path} holds {type(data).__name__}; impruver reads a list of records")
+    for i, record in enumerate(data):
+        yield f"{path}[{i}]", record
+
+
+def _parquet_items(path: Path) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield f"{path}[row {index}]", record
+            index += 1
+
+
+def _text_items(path: Path) -> Iterator[Item]:
+    """Paragraphs (separated by blank lines) of a text file, each a ``{"text": ...}`` record."""
+    lines: list[str] = []
+    first = 1
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                if not lines:
+                    first = lineno
+                lines.append(line)
+            elif lines:
+                yield f"{path}:{first}", {"text": "".join(lines).strip()}
+                lines = []
+    if lines:
+        yield f"{path}:{first}", {"text": "".join(lines).strip()}
+
+
+def _hub_items(spec: Any, key: str) -> Iterator[Item]:
+    from impruver.hub import hub_unreachable, offline
+
+    local_hint = (" Or point the source at local files of the same records: "
+                  f"{key}=/path/to/file.jsonl (json, jsonl, parquet, csv or txt; a folder works too).")
+    if offline():
+        raise DataError(str(hub_unreachable(spec.path, "dataset", key)) + local_hint)
+    import datasets
+
+    name = parse_split(spec.split, key)[0]
+    kwargs: dict[str, Any] = {"split": spec.split, "revision": spec.revision}
+    if spec.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    try:
+        data = datasets.load_dataset(spec.path, spec.subset, **kwargs)
+    except (ConnectionError, OSError) as exc:
+        raise DataError(str(hub_unreachable(spec.path, "dataset", key, exc)) + local_hint) from None
+    except ValueError as exc:
+        raise DataError(f"{key}: cannot load {spec.path} split {spec.split!r} ({name}): {exc}") from None
+    for i, record in enumerate(data):
+        yield f"{spec.path}[{spec.split}][{i}]", record
+
+
+def fingerprint_source(spec: Any, name: str) -> dict[str, Any]:
+    """What identifies a source's content: local files by size and content hash, Hub ids by revision."""
+    root = resolve_path(spec.path, f"dataset.sources.{name}.path")
+    if root is None:
+        return {"hub": spec.path, "revision": spec.revision, "subset": spec.subset}
+    digests = []
+    for path in local_files(root, f"dataset.sources.{name}.path"):
+        hasher = xxhash.xxh64()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        digests.append([path.name, path.stat().st_size, hasher.hexdigest()])
+    return {"files": digests}
