@@ -76,11 +76,16 @@ def lora_config(lora: LoraSpec, model: Any) -> Any:
     """A peft LoraConfig; GPT-2's Conv1D layers store weights transposed, hence fan_in_fan_out."""
     from peft import LoraConfig, TaskType
 
-    is_gpt2 = getattr(getattr(model, "config", None), "model_type", None) == "gpt2"
+    config = getattr(model, "config", None)
+    is_gpt2 = getattr(config, "model_type", None) == "gpt2"
+    # A fully trained lm_head / embedding of a tied model must stay tied to its twin (one matrix, two names).
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and bool(
+        set(lora.modules_to_save) & {"lm_head", "wte", "embed_tokens"})
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora_targets(lora, model), modules_to_save=list(lora.modules_to_save) or None,
         use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias=lora.bias, fan_in_fan_out=is_gpt2,
+        ensure_weight_tying=tied,
     )
 
 
