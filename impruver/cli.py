@@ -203,7 +203,7 @@ def launch(stage: str, args: Args) -> int:
         first, added = validate_all(overrides, config_file, args.multirun)
         from impruver.compose import for_hydra
 
-        overrides = for_hydra(overrides, added)
+        overrides = for_hydra(overrides, added, config_file=config_file)
         if args.multirun:
             extra.append(f"hydra.sweep.dir={Path(first.output_dir, 'multirun').as_posix()}")
     import hydra
@@ -258,6 +258,8 @@ def run_stage(stage: str, plan: Any, **options: Any) -> Any:
     if stage in ("main", "train"):
         from impruver import launch
 
+        from impruver.train.recipe import run as train
+
         if launch.needs_launch(plan):
             # Several processes: compose the data and freeze the plan once, then accelerate starts the workers.
             from impruver.data.pipeline import ensure_composed
@@ -265,8 +267,10 @@ def run_stage(stage: str, plan: Any, **options: Any) -> Any:
             ensure_composed(plan)
             plan.write()
             return launch.spawn(plan)
-        from impruver.train.recipe import run as train
-
+        if launch.under_launcher():
+            # `accelerate launch -m impruver ...`: every rank got here; the main one composes and writes once.
+            launch.prepare_ranks(plan)
+            return train(plan, worker=True)
         return train(plan, **options)
     if stage == "compose":
         from impruver.data.pipeline import run as compose_data

@@ -64,7 +64,7 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
         parsed, problems = parse_overrides(overrides)
         group_overrides = [o for o in parsed if _is_group(o)]
         if not config_file and not any(o.key_or_group in GROUPS for o in group_overrides):
-            # No recipe chosen at all: `impruver` alone (with any key overrides) is the demo preset.
+            # No group chosen (`impruver`, `impruver train.lr=1e-3`): the demo preset.
             group_overrides += parse_overrides([f"preset={DEFAULT_PRESET}"])[0]
         value_overrides = [o for o in parsed if not _is_group(o)]
         problems += [p for o in group_overrides if (p := _check_choice(o)) is not None]
@@ -106,10 +106,12 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[list[Override], list[Prob
     return parsed, problems
 
 
-def for_hydra(overrides: Sequence[str], added_keys: frozenset[str]) -> list[str]:
-    """Overrides as Hydra's app must get them: keys absent from the YAML become ``++key=value``."""
+def for_hydra(overrides: Sequence[str], added_keys: frozenset[str], *, config_file: str | None = None) -> list[str]:
+    """Overrides as Hydra's app must get them: keys absent from the YAML become ``++key=value``, and with no
+    group chosen at all (``impruver``, ``impruver train.lr=1e-3``) the demo preset is selected, as in compose()."""
     parsed, _ = parse_overrides(overrides)
-    out = []
+    out = [] if config_file or any(_is_group(o) and o.key_or_group in GROUPS for o in parsed) else \
+        [f"preset={DEFAULT_PRESET}"]
     for o in parsed:
         plain = o.input_line and not o.input_line.startswith(("+", "~"))
         out.append(f"++{o.input_line}" if plain and o.key_or_group in added_keys else o.input_line)

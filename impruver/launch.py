@@ -97,3 +97,16 @@ def spawn(plan: Plan) -> dict[str, Any]:
         raise RunError(f"the distributed run failed (exit status {result.returncode}); its workers' output is "
                        f"above. Relaunch with: {shlex.join(cmd)}")
     return {"world_size": total_processes(plan), "plan": str(plan_path)}
+
+
+def prepare_ranks(plan: Plan) -> None:
+    """Under an outside launcher: the main process composes the data and writes the plan; the others wait."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=plan.hardware.device == "cpu")
+    if state.is_main_process:
+        from impruver.data.pipeline import ensure_composed
+
+        ensure_composed(plan)
+        plan.write()
+    state.wait_for_everyone()

@@ -17,18 +17,19 @@ from omegaconf import DictConfig
 
 RUN_SUMMARY = "run_summary.json"
 SWEEP_SUMMARY = "sweep_summary.json"
-COLUMNS = ("final_eval_loss", "best_eval_loss", "tokens_per_second", "wall_seconds")
+# Keys of the training summary (impruver.train.recipe.run) shown per run; eval_loss is the kept model's.
+COLUMNS = ("steps", "train_loss", "eval_loss", "tokens_per_s", "elapsed_s")
 
 
 def collect(sweep_dir: Path) -> dict[str, Any]:
-    """Gather the jobs' run summaries under ``sweep_dir``, best (lowest best eval loss) marked."""
+    """Gather the jobs' run summaries under ``sweep_dir``, best (lowest eval loss) marked."""
     runs = []
     for path in sorted(sweep_dir.glob(f"*/{RUN_SUMMARY}"), key=lambda p: _job_number(p.parent.name)):
         record = json.loads(path.read_text(encoding="utf-8"))
         record["output_dir"] = str(path.parent)
         runs.append(record)
-    scored = [r for r in runs if _finite(r.get("best_eval_loss"))]
-    best = min(scored, key=lambda r: r["best_eval_loss"]) if scored else None
+    scored = [r for r in runs if _finite(r.get("eval_loss"))]
+    best = min(scored, key=lambda r: r["eval_loss"]) if scored else None
     for r in runs:
         r["best"] = r is best
     return {"sweep_dir": str(sweep_dir), "jobs": len(runs), "best": best["output_dir"] if best else None,

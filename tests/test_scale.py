@@ -77,8 +77,8 @@ def test_sweep_summary_marks_the_best(tmp_path: Path) -> None:
     for num, (lr, best) in enumerate([("1e-3", 2.5), ("3e-3", 2.1), ("1e-2", float("nan"))]):
         job = tmp_path / f"{num}_train.lr={lr}"
         job.mkdir()
-        (job / "run_summary.json").write_text(json.dumps({"overrides": [f"train.lr={lr}"], "best_eval_loss": best,
-                                                          "final_eval_loss": best, "tokens_per_second": 100.0}))
+        (job / "run_summary.json").write_text(json.dumps({"overrides": [f"train.lr={lr}"], "eval_loss": best,
+                                                          "train_loss": best + 0.1, "tokens_per_s": 100.0}))
     summary = collect(tmp_path)
     assert summary["jobs"] == 3
     assert summary["best"] == str(tmp_path / "1_train.lr=3e-3")
