@@ -52,9 +52,14 @@ def render(summary: dict[str, Any]) -> Any:
     table.add_column("overrides", style="cyan")
     for col in COLUMNS:
         table.add_column(col.replace("_", " "), justify="right")
+    # Show what varies between runs; what every run shares goes into the title.
+    shared = set.intersection(*(set(r.get("overrides", [])) for r in summary["runs"])) if summary["runs"] else set()
+    if shared:
+        table.title += f"  (all: {' '.join(sorted(shared))})"
     for run in summary["runs"]:
         cells = [_fmt(run.get(c)) for c in COLUMNS]
-        table.add_row("best" if run["best"] else "", " ".join(run.get("overrides", [])), *cells)
+        varying = [o for o in run.get("overrides", []) if o not in shared]
+        table.add_row("best" if run["best"] else "", " ".join(varying), *cells)
     return table
 
 
