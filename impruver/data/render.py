@@ -61,6 +61,7 @@ class Renderer:
     takes_reasoning: bool = False  # reads reasoning_content
     generation_marks: bool = False  # marks assistant spans with {% generation %}
     end_marker: str = ""
+    generation_prompt: str = ""  # what add_generation_prompt appends: the assistant turn's header
     _compiled: Any = field(default=None, repr=False)
 
     @classmethod
@@ -76,6 +77,7 @@ class Renderer:
             _compiled=_compile(source),
         )
         renderer.end_marker = renderer._probe_end_marker()
+        renderer.generation_prompt = renderer._probe_generation_prompt()
         return renderer
 
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
@@ -92,6 +94,14 @@ class Renderer:
             return ""
         found = re.match(r"\s*(\S+)", text[text.find(_PROBE) + len(_PROBE):]) if _PROBE in text else None
         return found.group(1) if found else ""
+
+    def _probe_generation_prompt(self) -> str:
+        probe = [{"role": "user", "content": "u"}]
+        try:
+            bare, prompted = self.render(probe), self.render(probe, add_generation_prompt=True)
+        except Exception:
+            return ""
+        return prompted[len(bare):] if prompted.startswith(bare) else ""
 
     # -- conversations -----------------------------------------------------------------------------------------
     def template_messages(self, conversation: Conversation) -> tuple[list[Message], list[bool], list | None]:
@@ -165,6 +175,12 @@ class Renderer:
             prefix = None
         if prefix is not None and full.startswith(prefix) and len(prefix) >= position:
             return len(prefix)
+        # The template rendered earlier turns differently once they were no longer last (Qwen3 drops the
+        # reasoning of earlier turns): the turn starts after the next assistant header, else at its content.
+        header = self.generation_prompt if messages[i]["role"] == "assistant" else ""
+        found = full.find(header, position) if header.strip() else -1
+        if found >= 0:
+            return found + len(self.generation_prompt)
         found = full.find(messages[i]["content"], position) if messages[i]["content"] else -1
         if found < 0:
             raise RecordError("template_mismatch", f"cannot locate turn {i} in the rendered text")
@@ -208,17 +224,22 @@ def _compile(source: str) -> Any:
 
 
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Token ids where the token starts inside a span, IGNORE_INDEX elsewhere."""
+    """Token ids where the token overlaps a span, IGNORE_INDEX elsewhere.
+
+    A token that straddles a span's edge (the template's "\n" merged with a content that starts with "\n\n")
+    is trained: it is part of what the model has to produce, as with character-to-token masks elsewhere.
+    """
     labels = [IGNORE_INDEX] * len(ids)
     if not spans:
         return labels
     k = 0
-    for j, (start, _end) in enumerate(offsets):
+    for j, (start, end) in enumerate(offsets):
+        end = max(end, start + 1)  # zero-width tokens count at their position
         while k < len(spans) and start >= spans[k][1]:
             k += 1
         if k == len(spans):
             break
-        if start >= spans[k][0]:
+        if end > spans[k][0]:
             labels[j] = ids[j]
     return labels
 

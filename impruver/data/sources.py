@@ -165,9 +165,9 @@ def _json_items(path: Path, key: str) -> Iterator[Item]:
             yield from _jsonl_items(path)
             return
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else [data]
+    if isinstance(data, dict):  # one record, or {"data": [records]}
+        only = next(iter(data.values())) if len(data) == 1 else None
+        data = only if isinstance(only, list) and all(isinstance(r, dict) for r in only) else [data]
     if not isinstance(data, list):
         raise DataError(f"{key}: {path} holds {type(data).__name__}; impruver reads a list of records")
     for i, record in enumerate(data):
