@@ -26,8 +26,8 @@ def word_tokenizer(words: list[str], *, template: str | None = None, specials: t
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
         pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
-        pre_tokenizers.WhitespaceSplit(),
     ])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token=specials[0],
                                   eos_token=specials[1], pad_token=specials[1])
