@@ -57,7 +57,10 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     from impruver.data import pipeline
 
     if not worker:
-        pipeline.ensure_composed(plan, **{k: v for k, v in options.items() if k == "force"})
+        if options.get("force"):
+            pipeline.run(plan, force=True)  # --force: compose again even when the data is up to date
+        else:
+            pipeline.ensure_composed(plan)
         plan.write()
 
     import torch
@@ -85,8 +88,13 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     if adapter and main and base_needs_saving(plan):
         save_base(model, plan.output_dir)  # random-weight base: the adapter needs it to load later
     model = registry.lookup("methods", plan.method.builder)(spec=plan.method, model=model, **plan.method.options)
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False  # a KV cache would also switch off packed-sequence masking
+    config = getattr(model, "config", None)
+    saved_pad_id = getattr(config, "pad_token_id", None)
+    if config is not None:
+        config.use_cache = False  # a KV cache would also switch off packed-sequence masking
+        # transformers checks every forward for a pad id without an attention mask (a warning, and a device sync
+        # per step); packed rows need no mask, so the check is switched off while training (restored at save).
+        config.pad_token_id = None
     if train_spec.gradient_checkpointing:
         enable_checkpointing(model)
 
@@ -236,6 +244,8 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                "eval_loss": result_eval, "best_step": best_step if result_eval is not None else None,
                "tokens": state.tokens, "world_size": world, "elapsed_s": round(state.elapsed_s, 2),
                "tokens_per_s": round((state.tokens - tokens_at_start) / max(state.elapsed_s, 1e-9), 1)}
+    if config is not None:
+        config.pad_token_id = saved_pad_id
     if main:
         save_model(unwrapped, tokenizer, plan, adapter=adapter)
         writer.write({"event": "end", **{k: v for k, v in summary.items() if k != "output_dir"}})
