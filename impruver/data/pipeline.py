@@ -320,9 +320,11 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
     weights = np.array([plan.sources[n].weight for n in collected["names"]])[collected["source"]] if units else \
         np.zeros(0)
     draws = np.array([xxhash.xxh64_intdigest(f"{spec.seed}:weight:{u}".encode()) / 2**64 for u in range(units)])
-    repeats = np.where(val, 1, np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
-    repeats[~candidates] = 0
-    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val & candidates, "repeats": repeats}
+    # Weights up- or down-sample the training set only (validation keeps the natural mix): floor(w) copies and
+    # one more with probability frac(w), drawn per unit from the seed.
+    repeats = (np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
+    repeats[~candidates | val] = 0
+    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val, "repeats": repeats}
 
 
 def _val_count(spec: Any, kept: int) -> int:
@@ -350,7 +352,7 @@ def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], 
                     if decisions["val"][unit]:
                         val.write(line)
                         stats["val"].add(length, trained)
-                    for _ in range(decisions["repeats"][unit] if not decisions["val"][unit] else 0):
+                    for _ in range(decisions["repeats"][unit]):
                         train.write(line)
                         stats["train"].add(length, trained)
     return {k: v.summary() for k, v in stats.items()}
