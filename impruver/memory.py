@@ -56,10 +56,23 @@ class Shape:
                 "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
 
     def n_params(self) -> int:
-        per_layer = sum(i * o + o for i, o in self.linear_shapes().values()) + 4 * self.d
-        embed = self.vocab * self.d + (self.positions * self.d if self.family == "gpt2" else 0)
+        """Exactly what transformers builds for this shape (checked against the real modules in the tests)."""
+        if self.family == "gpt2":
+            # Conv1D layers with biases; two LayerNorms (weight + bias) per block, one at the end.
+            per_layer = sum(i * o + o for i, o in self.linear_shapes().values()) + 4 * self.d
+            final_norm = 2 * self.d
+            embed = self.vocab * self.d + self.positions * self.d
+        else:
+            # Llama family: no biases (Qwen2 has them on q/k/v); RMSNorm weights only.
+            per_layer = sum(i * o for i, o in self.linear_shapes().values()) + 2 * self.d
+            if self.family == "qwen2":
+                per_layer += self.d + 2 * self.n_kv_head * self.head_dim
+            if self.family == "qwen3":
+                per_layer += 2 * self.head_dim  # q_norm and k_norm
+            final_norm = self.d
+            embed = self.vocab * self.d
         head = 0 if self.tied else self.vocab * self.d
-        return self.n_layer * per_layer + embed + head + 2 * self.d
+        return self.n_layer * per_layer + embed + head + final_norm
 
     def n_params_non_embedding(self) -> int:
         """Parameters that take part in the 6N FLOPs per token (position embeddings excluded)."""
@@ -67,7 +80,8 @@ class Shape:
 
 
 def shape_from_arch(arch: ArchSpec) -> Shape:
-    ff = arch.n_inner or (4 * arch.n_embd if arch.family == "gpt2" else int(8 * arch.n_embd / 3))
+    # The MLP width impruver.train.models builds when n_inner is not given (llama: 8/3 d rounded up to 256).
+    ff = arch.n_inner or (4 * arch.n_embd if arch.family == "gpt2" else 256 * ((int(8 * arch.n_embd / 3) + 255) // 256))
     return Shape(arch.family, arch.n_layer, arch.n_embd, arch.n_head, arch.n_kv_head or arch.n_head, ff,
                  arch.vocab_size, arch.n_positions, arch.tie_word_embeddings)
 
@@ -131,7 +145,8 @@ def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool |
     shard_params = ranks if dist in ("fsdp", "deepspeed_zero3") else 1
     shard_grads = ranks if dist in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") else 1
     shard_opt = ranks if dist != "none" and dist != "ddp" else 1
-    half = plan.hardware.mixed_precision != "no" or plan.model.dtype in ("bfloat16", "float16")
+    mixed = plan.hardware.mixed_precision != "no"
+    half = mixed or plan.model.dtype in ("bfloat16", "float16")
 
     if method in ("lora", "qlora"):
         lora = plan.method.lora
@@ -148,8 +163,13 @@ def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool |
         opt = trainable * opt_bytes
     else:
         trainable = n
-        weights = n * 4 / shard_params  # fp32 master weights
-        grads = n * 4 / shard_grads
+        # fp32 master weights under mixed precision, plus autocast's 16-bit copy of each weight during the step;
+        # without mixed precision the weights (and gradients) live in model.dtype.
+        param_bytes = 2.0 if (not mixed and half) else 4.0
+        weights = n * param_bytes / shard_params + (n * 2.0 / shard_params if mixed else 0.0)
+        grads = n * param_bytes / shard_grads
+        if dist == "ddp":
+            grads *= 2  # DDP's gradient buckets hold a second copy
         opt = n * opt_bytes / shard_opt
 
     tokens = batch * plan.seq_len
@@ -158,7 +178,8 @@ def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool |
     activations = tokens * shape.n_layer * per_token_layer
     if ckpt:
         activations += tokens * 34 * shape.d * act_bytes / 2  # the one layer being recomputed
-    logits = tokens * shape.vocab * (act_bytes + 8)  # logits, their fp32 upcast in the loss, and its gradient
+    # Logits in the compute dtype, their fp32 copy, the fp32 log-softmax kept for backward, and its gradient.
+    logits = tokens * shape.vocab * (act_bytes + 12)
     activations += logits
     parts = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations}
     gib = {k: v / GIB for k, v in parts.items()}

@@ -45,10 +45,12 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
         RunError: the machine cannot run the plan, or the memory plan says it will not fit.
     """
     # 1. Checks that need nothing loaded: missing packages, no GPU, a memory estimate over the budget.
-    problems = environment_problems(plan)
+    problems = [str(p) for p in environment_problems(plan)]
+    memory = memory_problem(plan)
+    if memory:
+        problems.append(memory)
     if problems:
         raise RunError("this machine cannot run the plan:\n" + "\n".join(f"  - {p}" for p in problems))
-    check_memory(plan)
     from impruver.train.metrics import check_reporters
 
     check_reporters(list(plan.train.report_to))
@@ -259,18 +261,18 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     return summary
 
 
-def check_memory(plan: Plan) -> None:
-    """Stop before loading anything when the memory plan exceeds the hardware profile, proposing what fits."""
+def memory_problem(plan: Plan) -> str | None:
+    """Why the memory plan says the run will not fit the hardware profile, with settings that would; else None."""
     estimate = plan.memory
     if estimate is None or estimate.fits is not False or not plan.train.memory_check:
-        return
-    fixes = "\n".join(f"  - {s}" for s in estimate.suggestions) or \
-        "  - nothing in impruver's list fits: a larger GPU (hardware=gpu80gb) or several (hardware=fsdp)"
-    raise RunError(
-        f"the memory plan needs ~{estimate.total_gib:.1f} GiB per GPU (weights {estimate.weights_gib}, gradients "
-        f"{estimate.gradients_gib}, optimizer {estimate.optimizer_gib}, activations {estimate.activations_gib}, "
-        f"overhead {estimate.overhead_gib}) but hardware '{plan.hardware.name}' has {estimate.budget_gib} GiB. "
-        f"Settings that fit:\n{fixes}\n(train.memory_check=false runs anyway)")
+        return None
+    fixes = "\n".join(f"      {s}" for s in estimate.suggestions) or \
+        "      nothing in impruver's list fits: a larger GPU (hardware=gpu80gb) or several (hardware=fsdp)"
+    return (f"memory: the plan needs ~{estimate.total_gib:.1f} GiB per GPU (weights {estimate.weights_gib}, "
+            f"gradients {estimate.gradients_gib}, optimizer {estimate.optimizer_gib}, activations "
+            f"{estimate.activations_gib}, overhead {estimate.overhead_gib}) but hardware '{plan.hardware.name}' "
+            f"has {estimate.budget_gib} GiB. Settings that fit:\n{fixes}\n"
+            "    (train.memory_check=false runs it anyway)")
 
 
 def enable_checkpointing(model: Any) -> None:
