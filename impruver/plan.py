@@ -351,14 +351,16 @@ SECTIONS: dict[str, type[Spec]] = {
     "train": TrainSpec,
     "chat": ChatSpec,
 }
-TOP_LEVEL = {"preset", "output_dir", "train_path", "val_path", "seed", *SECTIONS}
+# Top-level shorthands users of the recipe catalogue type: `resume=auto`, and a `ddp:` section of DDP settings.
+SHORTHANDS = {"resume": ("train", "resume"), "ddp": ("train", "ddp")}
+TOP_LEVEL = {"preset", "output_dir", "train_path", "val_path", "seed", *SECTIONS, *SHORTHANDS}
 
 
 def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) -> Plan:
     """Validate a composed configuration (plain dict) into a Plan, or raise ConfigError with every problem."""
     choices = dict(choices or {})
     missing = list(_missing(config))
-    config = _without_missing(config)
+    config = _expand_shorthands(_without_missing(config))
     problems: list[Problem] = [Problem(key, f"required: set it, e.g. {key}=VALUE") for key in missing]
     for key in config:
         if key not in TOP_LEVEL:
@@ -404,6 +406,21 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
         **sections,
     )
     return _with_memory_estimate(plan)
+
+
+def _expand_shorthands(config: dict[str, Any]) -> dict[str, Any]:
+    """``resume: auto`` -> ``train.resume``; ``ddp: {...}`` -> ``train.ddp`` (merged; the shorthand wins)."""
+    config = dict(config)
+    for short, (section, key) in SHORTHANDS.items():
+        value = config.pop(short, None)
+        if value is None or not isinstance(config.get(section, {}), dict):
+            continue
+        target = dict(config.get(section) or {})
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            value = {**target[key], **value}
+        target[key] = value
+        config[section] = target
+    return config
 
 
 MISSING = "???"  # Hydra's mark for a value the user must give

@@ -108,11 +108,11 @@ def test_planning_is_offline_and_fast(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket, "socket", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time of this process: other load on the machine does not count
     plan = plan_of("model=rugpt3large", "method=lora", "dataset=saiga2")
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert plan.model.path == "ai-forever/rugpt3large_based_on_gpt2"
-    assert elapsed < 0.5, f"planning took {elapsed:.2f}s"
+    assert elapsed < 0.5, f"planning took {elapsed:.2f}s of CPU"
 
 
 def test_planning_imports_no_torch() -> None:
@@ -132,3 +132,9 @@ def test_memory_estimate_and_suggestions() -> None:
     big = plan_of("preset=rugpt3large/760M_full_saiga2", "train.batch_size=16")
     assert big.memory.fits is False
     assert big.memory.suggestions and all("GiB" in s for s in big.memory.suggestions)
+
+
+def test_top_level_shorthands_of_the_recipe_catalogue() -> None:
+    plan = plan_of("+resume=auto", "+ddp.ddp_find_unused_parameters=false")
+    assert plan.train.resume == "auto"
+    assert plan.train.ddp == {"ddp_find_unused_parameters": False}
