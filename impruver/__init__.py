@@ -1,34 +1,43 @@
 """impruver: declarative training of large language models (from scratch, full fine-tuning, LoRA and QLoRA).
 
-The public API is small and imports nothing heavy:
+The public API is small and imports nothing heavy (no torch) until a stage runs::
 
-    from impruver import compose, make_plan
-    plan = make_plan(**compose(["model=rugpt3large", "method=lora", "dataset=saiga2"]).__dict__)
+    import impruver
+    plan = impruver.build_plan(["model=rugpt3large", "method=lora", "dataset=saiga2"])
+    print(plan.to_yaml())
+
+(The functions are not named ``compose`` / ``plan``: those are the submodules :mod:`impruver.compose` and
+:mod:`impruver.plan`, which would replace them as attributes of the package once imported.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 __version__ = "0.1.0"
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), *, config_file: str | None = None) -> Any:
-    """Compose impruver's config groups with overrides (see :func:`impruver.compose.compose`)."""
-    from impruver.compose import compose as _compose
+def compose_config(overrides: Sequence[str] = (), *, config_file: str | None = None) -> Any:
+    """Compose impruver's config groups with overrides: :func:`impruver.compose.compose`."""
+    from impruver.compose import compose
 
-    return _compose(overrides, config_file=config_file)
+    return compose(overrides, config_file=config_file)
 
 
-def plan(overrides: list[str] | tuple[str, ...] = (), *, config_file: str | None = None) -> Any:
-    """Compose and validate into a :class:`impruver.plan.Plan`."""
+def build_plan(overrides: Sequence[str] = (), *, config_file: str | None = None) -> Any:
+    """Compose and validate into a frozen :class:`impruver.plan.Plan` (raises ConfigError with every problem)."""
     from impruver.plan import make_plan
 
-    composed = compose(overrides, config_file=config_file)
+    composed = compose_config(overrides, config_file=config_file)
     return make_plan(composed.config, choices=composed.choices)
 
 
-def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) -> Any:
-    from impruver.plan import make_plan as _make_plan
+def load_plan(path: str) -> Any:
+    """Read a ``plan.yaml`` (or the output folder holding one): :func:`impruver.plan.load_plan`."""
+    from impruver.plan import load_plan as _load_plan
 
-    return _make_plan(config, choices=choices)
+    return _load_plan(path)
+
+
+__all__ = ["__version__", "build_plan", "compose_config", "load_plan"]

@@ -119,7 +119,7 @@ def test_planning_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from impruver import plan; plan(['model=rugpt3large','method=lora','dataset=saiga2']);"
+    code = ("import sys, impruver; impruver.build_plan(['model=rugpt3large','method=lora','dataset=saiga2']);"
             "heavy = [m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules];"
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -138,3 +138,13 @@ def test_top_level_shorthands_of_the_recipe_catalogue() -> None:
     plan = plan_of("+resume=auto", "+ddp.ddp_find_unused_parameters=false")
     assert plan.train.resume == "auto"
     assert plan.train.ddp == {"ddp_find_unused_parameters": False}
+
+
+def test_public_api_survives_submodule_imports() -> None:
+    import impruver
+    import impruver.compose  # noqa: F401  (once shadowed a function of the same name)
+    import impruver.plan  # noqa: F401
+
+    plan = impruver.build_plan(["preset=demo"])
+    assert plan.preset == "demo"
+    assert impruver.compose_config(["preset=demo"]).choices["preset"] == "demo"
