@@ -329,10 +329,17 @@ def _looks_like_config(token: str) -> bool:
 
 
 def cmd_ls(argv: list[str]) -> int:
+    """``impruver ls`` (everything), ``impruver ls KIND`` (one registry or presets), ``impruver ls KIND NAME``."""
+    from impruver import registry
     from impruver.report import render_listing
 
-    kinds = [a for a in argv if not a.startswith("-")]
-    console.print(render_listing(kinds))
+    words = [a for a in argv if not a.startswith("-")]
+    if len(words) == 2 and words[0] in registry.KINDS:
+        info = registry.describe(*words)
+        where = f"{info['file']}:{info['line']}" if info["file"] else "(source not found)"
+        console.print(f"[bold]{info['kind']}[/] [cyan]{info['name']}[/]  {where}\n\n{info['doc']}")
+        return 0
+    console.print(render_listing(words))
     return 0
 
 

@@ -132,3 +132,10 @@ def test_console_script_and_module_entry(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "impruver", "plan", "--yaml"], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert result.returncode == 0 and "output_dir: outputs/demo" in result.stdout
+
+
+def test_ls_describes_one_component(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "ls", "formats", "saiga")
+    assert code == 0 and "formats" in out and "formats.py:" in out
+    code, _, err = run_cli(capsys, "ls", "formats", "saig")
+    assert code == 2 and "did you mean 'saiga'" in err
