@@ -48,15 +48,15 @@ def build_tokenizer() -> Any:
     return fast
 
 
-def build_model(tokenizer: Any, seed: int = 0) -> Any:
+def build_model(tokenizer: Any, seed: int = 0, *, positions: int = POSITIONS, init: float = 0.5) -> Any:
     """A 2-layer GPT-2 (32 wide) with random weights; its end-of-turn logit is pinned to 0 so that greedy
     replies run to max_new_tokens instead of ending at a random </s> (what a reply says is random anyway)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=POSITIONS, n_embd=32, n_layer=2, n_head=2,
-                        initializer_range=0.5,  # larger than GPT-2's 0.02, so greedy replies do not repeat one token
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=2,
+                        initializer_range=init,  # larger than GPT-2's 0.02, so greedy replies do not repeat one token
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     model = GPT2LMHeadModel(config).eval()

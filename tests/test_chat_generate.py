@@ -1,0 +1,111 @@
+"""Streaming, stopping, token-based history trimming and function-call parsing (shared by chat and serve)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_chat_support import TEMPLATE, build_tokenizer, chat_dirs, chat_plan, direct_reply  # noqa: F401
+
+from impruver.chat.generate import (Generation, fit, generation_kwargs, parse_function_call, render,
+                                    supports_role)
+from impruver.chat.load import load
+from impruver.plan import ChatSpec
+
+HELLO = [{"role": "user", "content": "Привет"}]
+
+
+@pytest.fixture(scope="module")
+def loaded(chat_dirs: dict[str, Path]) -> Any:
+    return load(chat_plan(chat_dirs["full"]))
+
+
+def test_reply_streams_piece_by_piece_and_adds_up_to_the_reply(loaded: Any) -> None:
+    ids = render(loaded.tokenizer, HELLO)
+    reply = Generation(loaded.model, loaded.tokenizer, ids, generation_kwargs(ChatSpec(do_sample=False,
+                                                                                         max_new_tokens=24)))
+    pieces = list(reply)
+    assert len(pieces) >= 10  # about one piece per token (a multi-byte character may take two)
+    assert "".join(pieces).strip() == reply.text == direct_reply(loaded.model, loaded.tokenizer, HELLO)
+    assert reply.prompt_tokens == len(ids) and reply.completion_tokens == 24
+
+
+def test_stop_ends_a_long_reply_early(loaded: Any) -> None:
+    kwargs = generation_kwargs(ChatSpec(do_sample=False, max_new_tokens=1500))
+    reply = Generation(loaded.model, loaded.tokenizer, render(loaded.tokenizer, HELLO), kwargs)
+    stream = iter(reply)
+    first = [next(stream) for _ in range(3)]
+    reply.stop()
+    assert reply.finish_reason == "interrupted" and reply.completion_tokens < 1500
+    assert reply.text.startswith("".join(first).strip())
+
+
+def test_stop_strings_end_the_reply_before_them(loaded: Any) -> None:
+    full = direct_reply(loaded.model, loaded.tokenizer, HELLO, max_new_tokens=24)
+    start = next(i for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip())
+    stop = full[start:start + 2]  # whole characters: a stop string is matched on text, not on broken bytes
+    kwargs = generation_kwargs(ChatSpec(do_sample=False, max_new_tokens=24))
+    reply = Generation(loaded.model, loaded.tokenizer, render(loaded.tokenizer, HELLO), kwargs, stop_strings=[stop])
+    assert reply.wait() == full[:full.index(stop)].strip()
+    assert reply.finish_reason == "stop" and reply.completion_tokens < 24
+
+
+def test_fit_forgets_the_oldest_exchanges_by_tokens_and_keeps_the_system_prompt() -> None:
+    tok = build_tokenizer()
+    system = {"role": "system", "content": "Ты — Сайга."}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i}"}]
+    turns.append({"role": "user", "content": "last question"})
+    whole = len(render(tok, [system, *turns]))
+    budget = whole - 1  # one token too many: the oldest exchange (2 messages) goes
+    messages = [system, *turns]
+    ids, dropped = fit(tok, messages, budget)
+    assert dropped == 2 and messages[0] == system and messages[1:] == turns[2:]
+    assert ids == render(tok, messages) and len(ids) <= budget
+
+    messages = [system, *turns]
+    tail = render(tok, [system, turns[-1]])
+    ids, dropped = fit(tok, messages, len(tail))  # room for the last question only
+    assert dropped == 12 and messages == [system, turns[-1]] and ids == tail
+
+    ids, _ = fit(tok, messages, 5)  # not even that: its last tokens (the reply header) are kept
+    assert ids == tail[-5:]
+
+
+def test_generation_kwargs_pass_sampling_settings_only_when_sampling() -> None:
+    assert generation_kwargs(ChatSpec(do_sample=False, max_new_tokens=7)) == {
+        "max_new_tokens": 7, "do_sample": False, "repetition_penalty": 1.1}
+    sampled = generation_kwargs(ChatSpec(temperature=0.3, top_p=0.8, top_k=20))
+    assert sampled == {"max_new_tokens": 256, "do_sample": True, "repetition_penalty": 1.1, "temperature": 0.3,
+                       "top_p": 0.8, "top_k": 20}
+    assert generation_kwargs(ChatSpec(), temperature=0)["do_sample"] is False  # OpenAI's temperature 0: greedy
+    assert generation_kwargs(ChatSpec(), max_new_tokens=3, top_p=0.5)["top_p"] == 0.5
+
+
+@pytest.mark.parametrize(("text", "allow_json", "expected"), [
+    ('function_call\n{"name": "get_weather", "arguments": {"city": "Moscow"}}', False,
+     {"name": "get_weather", "arguments": {"city": "Moscow"}}),
+    ('{"name": "get_weather", "arguments": "{\\"city\\": \\"Moscow\\"}"}', True,
+     {"name": "get_weather", "arguments": {"city": "Moscow"}}),
+    ('{"function_call": {"name": "f", "parameters": {}}}', True, {"name": "f", "arguments": {}}),
+    ('{"name": "get_weather", "arguments": {}}', False, None),
+    ('{"name": "Ivan"}', True, None),  # a JSON answer that is not a call
+    ("Привет! Чем помочь?", True, None),
+    ("[1, 2]", True, None),
+])
+def test_parse_function_call(text: str, allow_json: bool, expected: Any) -> None:
+    assert parse_function_call(text, allow_json=allow_json) == expected
+
+
+def test_supports_role_probes_the_template() -> None:
+    tok = build_tokenizer()
+    assert supports_role(tok, "function_call") and supports_role(tok, "function_response")
+    strict = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
+              "{{ raise_exception('unknown role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    tok.chat_template = strict
+    assert not supports_role(tok, "function_call")
+    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    assert not supports_role(tok, "function_call")  # dropped silently counts as unsupported
+    assert TEMPLATE  # the saiga-style template the other tests use renders every role
