@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def test_scratch_gpt2_loss_falls_and_output_loads(tmp_path: Path, use_files) -> 
     for name in ("model.safetensors", "config.json", "plan.yaml", "metrics.jsonl", "README.md", "run.json"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin")), "weights are safetensors only"
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "loss.png").stat().st_size > 1000
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and model.get_input_embeddings().weight.shape[0] == len(tok)
