@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,12 @@ IMPRUVER = Path(sys.executable).with_name("impruver")
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("plugin-site")
-    build = tmp_path_factory.mktemp("plugin-build")
+    source = tmp_path_factory.mktemp("plugin-src") / PLUGIN.name
+    shutil.copytree(PLUGIN, source)  # build outside the repository: setuptools writes build/ beside the source
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(PLUGIN)],
-        capture_output=True, text=True, cwd=build,
+         "--target", str(target), str(source)],
+        capture_output=True, text=True, cwd=source.parent,
     )
     assert result.returncode == 0, result.stderr
     assert any(target.glob("impruver_example_plugin-*.dist-info"))
