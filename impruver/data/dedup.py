@@ -18,13 +18,11 @@ import numpy as np
 import xxhash
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-_SPACE = re.compile(r"\s+")
-_PRIME = np.uint64((1 << 61) - 1)
-_MASK32 = np.uint64(0xFFFFFFFF)
 
 
 def normalize(text: str) -> str:
-    return _SPACE.sub(" ", text.lower()).strip()
+    """Lower case, runs of whitespace as one space."""
+    return " ".join(text.lower().split())
 
 
 def exact_key(text: str) -> int:
@@ -32,21 +30,46 @@ def exact_key(text: str) -> int:
     return xxhash.xxh64_intdigest(normalize(text).encode())
 
 
+_MAX_WORD = 48  # characters of a word that count for its hash (bounds the work on base64 blobs and the like)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finalizer (splitmix64), vectorized: spreads the bits of a polynomial hash."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+@lru_cache(maxsize=4)
+def _powers(width: int) -> np.ndarray:
+    return np.cumprod(np.full(width, 1_000_003, dtype=np.uint64), dtype=np.uint64)
+
+
 def shingles(text: str, size: int) -> np.ndarray:
-    """32-bit hashes of the distinct runs of ``size`` consecutive words (order-aware)."""
-    words = _WORD.findall(text.lower())
-    if len(words) <= size:
-        grams = [" ".join(words)]
-    else:
-        grams = [" ".join(words[i:i + size]) for i in range(len(words) - size + 1)]
-    return np.unique(np.fromiter((xxhash.xxh32_intdigest(g.encode()) for g in grams), dtype=np.uint64, count=len(grams)))
+    """64-bit hashes of the distinct runs of ``size`` consecutive words (order-aware), computed in numpy.
+
+    Words are hashed as polynomials of their code points; a shingle combines its words' hashes with
+    position-dependent multipliers, so "a b" and "b a" differ. uint64 arithmetic wraps (deterministically).
+    """
+    words = [w[:_MAX_WORD] for w in _WORD.findall(text.lower())]
+    if not words:
+        return np.zeros(1, dtype=np.uint64)
+    codes = np.array(words).view(np.uint32).reshape(len(words), -1).astype(np.uint64)  # (n, width), 0-padded
+    word_hash = _mix((codes * _powers(codes.shape[1])).sum(axis=1, dtype=np.uint64) + np.uint64(len(words) > 0))
+    span = min(size, len(words))
+    grams = np.zeros(len(words) - span + 1, dtype=np.uint64)
+    for j in range(span):  # shingle = sum of word_hash[i + j] * multiplier_j
+        grams += word_hash[j:len(words) - span + 1 + j] * np.uint64(2 * j + 0x9E3779B97F4A7C15 % (1 << 63) | 1)
+    return np.unique(_mix(grams))
 
 
 @lru_cache(maxsize=8)
 def _permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.RandomState(seed)  # fixed: signatures must not change between runs
-    a = rng.randint(1, 1 << 32, size=num_perm, dtype=np.uint64)
-    b = rng.randint(0, 1 << 32, size=num_perm, dtype=np.uint64)
+    a = rng.randint(0, 1 << 63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd
+    b = rng.randint(0, 1 << 63, size=num_perm, dtype=np.uint64)
     return a, b
 
 
@@ -54,9 +77,11 @@ def signature(text: str, *, num_perm: int, shingle_size: int) -> np.ndarray:
     """The MinHash signature of ``text``: ``num_perm`` uint32 values."""
     hashes = shingles(text, shingle_size)
     a, b = _permutations(num_perm)
-    # (a * h + b) mod p over all (permutation, shingle) pairs; uint64 arithmetic wraps, which is deterministic.
-    values = (np.outer(a, hashes) + b[:, None]) % _PRIME & _MASK32  # (num_perm, n_shingles)
-    return values.min(axis=1).astype(np.uint32)
+    # Multiply-shift hashing, one function per permutation: the top 32 bits of a * h + b (mod 2^64).
+    values = np.multiply.outer(hashes, a)  # (n_shingles, num_perm); in place below: no temporaries
+    values += b
+    values >>= np.uint64(32)
+    return values.min(axis=0).astype(np.uint32)
 
 
 @lru_cache(maxsize=32)

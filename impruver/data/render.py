@@ -1,7 +1,7 @@
 """Rendering conversations with a chat template, and the loss mask: which tokens are trained on.
 
 The ONE rule for trainability: a conversation is rendered once, as a whole, into text; the text is tokenized once,
-with character offsets; a token is trained on when it starts inside a trainable span of that text. Trainable
+with character offsets; a token is trained on when it overlaps a trainable span of that text. Trainable
 spans are the assistant and function_call turns as the template writes them (what the template puts inside the
 turn, such as Qwen3's empty think block, included) up to and including the turn's end-of-turn marker.
 
@@ -39,14 +39,15 @@ class SourceOptions:
 
 @dataclass
 class Encoded:
-    """One sample: token ids and labels (IGNORE_INDEX where not trained)."""
+    """One sample: token ids, labels (IGNORE_INDEX where not trained) and how many tokens are trained."""
 
     input_ids: list[int]
     labels: list[int]
+    trainable: int = -1
 
-    @property
-    def trainable(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+    def __post_init__(self) -> None:
+        if self.trainable < 0:
+            self.trainable = sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
 @dataclass
@@ -223,6 +224,22 @@ def _compile(source: str) -> Any:
 # -- tokens and labels ------------------------------------------------------------------------------------------
 
 
+def masked_labels(encoding: Any, spans: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """Labels of a fast-tokenizer encoding: ids of the tokens overlapping a span, IGNORE_INDEX elsewhere; and
+    the number trained. Token ranges come from the encoding's character-to-token map (no offset lists built)."""
+    ids = encoding.ids
+    labels = [IGNORE_INDEX] * len(ids)
+    trained = 0
+    for start, end in spans:
+        first = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
+        last = next((t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None), None)
+        if first is None or last is None:
+            continue  # nothing of the span became a token
+        labels[first:last + 1] = ids[first:last + 1]
+        trained += last + 1 - first
+    return labels, trained
+
+
 def labels_from_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Token ids where the token overlaps a span, IGNORE_INDEX elsewhere.
 
@@ -257,9 +274,9 @@ class Encoder:
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
 
-    def encode_texts(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        return [(e.ids, e.offsets) for e in encodings]
+    def encode_texts(self, texts: list[str]) -> list[Any]:
+        """Fast-tokenizer encodings (ids, and character-to-token lookups done in Rust) of ``texts``, batched."""
+        return self.backend.encode_batch(texts, add_special_tokens=False)
 
     def encode(self, conversations: list[Conversation], options: SourceOptions) -> list[list[Encoded] | RecordError]:
         """Each conversation's samples (raw text may give several), or the RecordError that stopped it."""
@@ -279,17 +296,20 @@ class Encoder:
             texts.append(text)
             spans.append(found)
             where.append(n)
-        for n, text_spans, (ids, offsets) in zip(where, spans, self.encode_texts(texts)):
+        for n, text_spans, encoding in zip(where, spans, self.encode_texts(texts)):
             if text_spans is None:
-                results[n] = self._chunks(ids, options)
+                results[n] = self._chunks(encoding.ids, options)
             else:
-                results[n] = self._fit(conversations[n], ids, offsets, text_spans, options)
+                results[n] = self._fit(conversations[n], encoding, text_spans, options)
         return results
 
-    def _sample(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
-                options: SourceOptions, last_trainable: bool) -> Encoded:
-        labels = list(ids) if not options.only_target_loss else labels_from_spans(ids, offsets, spans)
-        ids = list(ids)
+    def _sample(self, encoding: Any, spans: list[tuple[int, int]], options: SourceOptions,
+                last_trainable: bool) -> Encoded:
+        ids = encoding.ids
+        if not options.only_target_loss:
+            labels, trained = list(ids), len(ids)
+        else:
+            labels, trained = masked_labels(encoding, spans)
         if options.add_bos:
             if self.bos_id is None:
                 raise RecordError("no_bos_token", "add_bos is set but the tokenizer has no bos_token")
@@ -300,15 +320,16 @@ class Encoder:
                 raise RecordError("no_eos_token", "add_eos is set but the tokenizer has no eos_token")
             if not ids or ids[-1] != self.eos_id:
                 # The closing EOS belongs to the last turn: trained when that turn is.
-                trained = not options.only_target_loss or last_trainable
-                ids, labels = [*ids, self.eos_id], [*labels, self.eos_id if trained else IGNORE_INDEX]
-        return Encoded(ids, labels)
+                train_eos = not options.only_target_loss or last_trainable
+                ids, labels = [*ids, self.eos_id], [*labels, self.eos_id if train_eos else IGNORE_INDEX]
+                trained += int(train_eos)
+        return Encoded(ids, labels, trained)
 
-    def _fit(self, conversation: Conversation, ids: list[int], offsets: list[tuple[int, int]],
-             spans: list[tuple[int, int]], options: SourceOptions) -> list[Encoded] | RecordError:
+    def _fit(self, conversation: Conversation, encoding: Any, spans: list[tuple[int, int]],
+             options: SourceOptions) -> list[Encoded] | RecordError:
         try:
             last_trainable = conversation["messages"][-1]["role"] in TRAINABLE_ROLES
-            sample = self._sample(ids, offsets, spans, options, last_trainable)
+            sample = self._sample(encoding, spans, options, last_trainable)
             while len(sample.input_ids) > options.max_tokens:
                 if options.length_policy != "truncate":
                     return RecordError("too_long", f"{len(sample.input_ids)} tokens > {options.max_tokens}")
@@ -318,8 +339,7 @@ class Encoder:
                                                    "with only the last exchange")
                 conversation = shorter
                 text, spans = self.renderer.text_and_spans(conversation)
-                ids, offsets = self.encode_texts([text])[0]
-                sample = self._sample(ids, offsets, spans, options, last_trainable)
+                sample = self._sample(self.encode_texts([text])[0], spans, options, last_trainable)
         except RecordError as exc:
             return exc
         if sample.trainable == 0:

@@ -1,0 +1,156 @@
+"""Benchmark `impruver compose` end to end against a bare batched fast-tokenizer pass, on real chat data.
+
+    HF_HUB_OFFLINE=1 python bench/compose.py [--records 100000] [--shared ../shared/data]
+
+The chat, tool and instruct files of ../shared/data are converted to OpenAI-style records and scaled up to
+``--records`` (copies after the first get their words shuffled, so they are neither exact nor near duplicates and
+the work is real). The tokenizer is GPT-2's with impruver's saiga template. Printed as JSON:
+
+* ``compose_near_on`` / ``compose_near_off``: records/s and MB/s of the input file, end to end (read, parse,
+  convert, render, tokenize with offsets, mask, dedup, split, write), both cores;
+* ``bare_tokenizer``: the same rendered text through ``encode_batch`` of the fast tokenizer alone (both cores);
+* ``ratio_near_off_to_bare``: compose (near-dup off) records/s divided by the bare tokenizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_FILES = [  # the real chat and tool-use data
+    ("sharegpt/fastchat_dummy_conversation.json", "sharegpt"),
+    ("messages/llamafactory_v1_sft_demo.jsonl", "openai"),
+    ("messages/llamafactory_fork_oai.json", "openai"),
+    ("function_calling/llamafactory_glaive_toolcall_en_demo.json", "sharegpt"),
+    ("function_calling/llamafactory_reason_tool_use_demo_50.jsonl", "openai"),
+    ("saiga_ru/rulm_ru_chargen_seed.jsonl", "roleplay"),
+    ("saiga_ru/rulm_en_chargen_seed.jsonl", "roleplay"),
+]
+INSTRUCT_FILES = [  # long single-turn answers (--with-instruct)
+    ("alpaca/llamafactory_alpaca_en_demo.json", "instruct"),
+    ("alpaca/llamafactory_lima.json", "instruct"),
+    ("alpaca_ru/rulm_tasks_saiga_mistral_7b_answers.jsonl", "instruct"),
+    ("alpaca_ru/rulm_user_oriented_saiga13b_answers.jsonl", "instruct"),
+    ("alpaca_ru/rulm_gen100_ru_turbo_alpaca_early.jsonl", "instruct"),
+]
+
+
+def real_conversations(shared: Path, files: list[tuple[str, str]]) -> list[dict]:
+    from types import SimpleNamespace
+
+    from impruver.data import convert
+    from impruver.data.sources import iter_items
+
+    out = []
+    for path, fmt in files:
+        spec = SimpleNamespace(path=str(shared / path), split="train", limit=None, fraction=None)
+        source = {"name": "b", "format": fmt, "options": {}, "mapping": {}, "system": None}
+        items = iter_items(spec, name="b", seed=0)
+        out += [c for _, c in convert.convert_items(items, source, "skip", convert.new_counts())]
+    return out
+
+
+def scaled_records(conversations: list[dict], count: int) -> list[dict]:
+    rng = random.Random(0)
+    records = []
+    for i in range(count):
+        conv = conversations[i % len(conversations)]
+        copy = i // len(conversations)
+        messages = []
+        for m in conv["messages"]:
+            content = m["content"]
+            if copy and m["role"] in ("user", "assistant"):
+                words = content.split(" ")
+                rng.shuffle(words)
+                content = " ".join(words)
+            messages.append({"role": m["role"], "content": content})
+        records.append({"messages": messages, **({"tools": conv["tools"]} if conv.get("tools") else {})})
+    return records
+
+
+def make_plan(data: Path, tokenizer_dir: Path, out: Path, near: bool):
+    from impruver.compose import compose
+    from impruver.plan import DatasetSpec, DedupSpec, SourceSpec, make_plan
+
+    composed = compose(["preset=demo", f"output_dir={out}"])
+    plan = make_plan(composed.config, choices=composed.choices)
+    dataset = DatasetSpec(sources={"bench": SourceSpec(path=str(data), format="openai")}, val_fraction=0.01,
+                          max_tokens=2048, dedup=DedupSpec(near=near))
+    tokenizer = plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tokenizer_dir), "chat_template": "saiga"})
+    model = plan.model.model_copy(update={"context_length": 2048})
+    return plan.model_copy(update={"dataset": dataset, "tokenizer": tokenizer, "model": model})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--with-instruct", action="store_true", help="add the long instruct files to the mix")
+    args = parser.parse_args()
+    shared = Path(args.shared)
+    if not shared.is_dir():
+        sys.exit(f"no real data at {shared}")
+
+    from transformers import PreTrainedTokenizerFast
+
+    from impruver.data import pipeline
+    from impruver.data.render import Renderer
+    from impruver.data.templates import SAIGA
+    from impruver.data.tokenizers import special_tokens_of
+
+    work = Path(tempfile.mkdtemp(prefix="impruver-bench-"))
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(shared / "tokenizers/gpt2/tokenizer.json"),
+                                  bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(work / "gpt2")
+    files = CHAT_FILES + (INSTRUCT_FILES if args.with_instruct else [])
+    records = scaled_records(real_conversations(shared, files), args.records)
+    data = work / "chats.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    megabytes = data.stat().st_size / 1e6
+    cores = len(os.sched_getaffinity(0))
+    result = {"records": args.records, "input_mb": round(megabytes, 1), "cores": cores,
+              "tokenizer": "gpt2 + saiga template",
+              "data": [p for p, _ in files]}
+
+    for near in (True, False):
+        plan = make_plan(data, work / "gpt2", work / f"out-{near}", near)
+        start = time.perf_counter()
+        composed = pipeline.compose(plan, force=True)
+        seconds = time.perf_counter() - start
+        report = composed.report
+        result[f"compose_near_{'on' if near else 'off'}"] = {
+            "seconds": round(seconds, 2), "records_per_s": round(args.records / seconds),
+            "mb_per_s": round(megabytes / seconds, 2),
+            "kept": sum(s["kept"] for s in report["sources"].values()),
+            "train_tokens": report["train"]["tokens"]}
+
+    # The bare tokenizer over the very text compose renders (rendering itself not timed).
+    from impruver.data import formats
+
+    renderer = Renderer.from_template(SAIGA, special_tokens_of(tok))
+    texts = [renderer.text_and_spans(formats.openai(r)[0])[0] for r in records]
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    backend = tok.backend_tokenizer
+    start = time.perf_counter()
+    for i in range(0, len(texts), 1000):
+        backend.encode_batch(texts[i:i + 1000], add_special_tokens=False)
+    seconds = time.perf_counter() - start
+    result["bare_tokenizer"] = {"seconds": round(seconds, 2), "records_per_s": round(args.records / seconds),
+                                "mb_per_s": round(megabytes / seconds, 2)}
+    result["ratio_near_off_to_bare"] = round(
+        result["compose_near_off"]["records_per_s"] / result["bare_tokenizer"]["records_per_s"], 3)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
