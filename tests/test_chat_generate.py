@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_chat_support import TEMPLATE, build_tokenizer, chat_dirs, chat_plan, direct_reply  # noqa: F401
+from test_chat_support import TEMPLATE, build_tokenizer, chat_dirs, chat_plan, direct_reply  # noqa: F401, F811
 
 from impruver.chat.generate import (Generation, fit, generation_kwargs, parse_function_call, render,
                                     supports_role)

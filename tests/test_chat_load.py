@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_chat_support import REPO, chat_dirs, chat_plan, cli_env, direct_reply, impruver_cmd  # noqa: F401
+from test_chat_support import REPO, chat_dirs, chat_plan, cli_env, direct_reply, impruver_cmd  # noqa: F401, F811
 
 from impruver.chat.load import load, locate
 from impruver.errors import RunError

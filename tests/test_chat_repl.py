@@ -4,19 +4,17 @@ commands, system prompts and function calling with /tool."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import pty
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_chat_support import (REPO, build_model, build_tokenizer, chat_dirs, chat_plan, cli_env,  # noqa: F401
-                               direct_reply, impruver_cmd, write_plan)
+from test_chat_support import (REPO, chat_dirs, chat_plan, cli_env, direct_reply,  # noqa: F401, F811
+                               function_caller, impruver_cmd)
 
 from impruver.chat.load import load
 from impruver.chat.repl import Session, scripted
@@ -60,47 +58,6 @@ def test_piped_lines_are_turns_with_history_and_commands(chat_dirs: dict[str, Pa
     fresh = direct_reply(*reference, [sys_turn, {"role": "user", "content": "Ещё раз"}])
     assert done.stdout == f"{first}\n{second}\n(conversation cleared)\n{fresh}\n"
     assert len({first, second, fresh}) == 3  # the history did change the second reply
-
-
-@pytest.fixture(scope="module")
-def function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model overfit to answer 'Погода?' with a function call and the function's result with text."""
-    import torch
-
-    tok = build_tokenizer()
-    model = build_model(tok, seed=2, positions=256, init=0.02).train()
-    call = json.dumps({"name": "get_weather", "arguments": {"city": "Moscow"}})
-    user = {"role": "user", "content": "Погода?"}
-    conversations = [
-        [user, {"role": "assistant", "content": call}],
-        [user, {"role": "function_call", "content": call}, {"role": "function_response", "content": '{"temp": 21}'},
-         {"role": "assistant", "content": "Тепло, +21"}],
-    ]
-    rows = []
-    for conversation in conversations:  # loss on the last turn only
-        ids = tok.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
-        prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True)["input_ids"]
-        labels = ids.clone()
-        labels[:, :len(prompt)] = -100
-        rows.append((ids, labels))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    wanted = [c[-1]["content"] for c in conversations]
-    for step in range(1, 301):  # about 20 steps are enough
-        loss = sum(model(ids, labels=labels).loss for ids, labels in rows)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 0:
-            model.eval()
-            if [direct_reply(model, tok, c[:-1], max_new_tokens=40) for c in conversations] == wanted:
-                break
-            model.train()
-    assert not model.training, "the tiny model did not learn to call the function"
-    folder = tmp_path_factory.mktemp("fc") / "run"
-    model.eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    write_plan(folder)
-    return folder
 
 
 def test_function_call_is_shown_and_tool_answers_it(function_caller: Path) -> None:

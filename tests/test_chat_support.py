@@ -8,6 +8,7 @@ case the adapter merged into a standalone model under ``merged/``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. Съешь же ещё этих мягких французских булок.",
     '{"name": "get_weather", "arguments": {"city": "Moscow"}} function_call function_response',
 ]
+CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Moscow"}})  # what the function caller says
 POSITIONS = 2048  # long enough for a reply that is still streaming when the Ctrl+C test interrupts it
 
 
@@ -126,6 +128,47 @@ def chat_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_merged(adapter, merged_run / "merged")
     write_plan(merged_run)
     return {"full": full, "adapter": adapter, "merged_run": merged_run}
+
+
+@pytest.fixture(scope="session")
+def function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model overfit to answer 'Погода?' with a function call (CALL) and the function's result with text."""
+    import torch
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=2, positions=256, init=0.02).train()
+    call = CALL
+    user = {"role": "user", "content": "Погода?"}
+    conversations = [
+        [user, {"role": "assistant", "content": call}],
+        [user, {"role": "function_call", "content": call}, {"role": "function_response", "content": '{"temp": 21}'},
+         {"role": "assistant", "content": "Тепло, +21"}],
+    ]
+    rows = []
+    for conversation in conversations:  # loss on the last turn only
+        ids = tok.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
+        prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True)["input_ids"]
+        labels = ids.clone()
+        labels[:, :len(prompt)] = -100
+        rows.append((ids, labels))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    wanted = [c[-1]["content"] for c in conversations]
+    for step in range(1, 301):  # about 20 steps are enough
+        loss = sum(model(ids, labels=labels).loss for ids, labels in rows)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            model.eval()
+            if [direct_reply(model, tok, c[:-1], max_new_tokens=40) for c in conversations] == wanted:
+                break
+            model.train()
+    assert not model.training, "the tiny model did not learn to call the function"
+    folder = tmp_path_factory.mktemp("fc") / "run"
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_plan(folder)
+    return folder
 
 
 def chat_plan(output_dir: Path, *overrides: str) -> Any:

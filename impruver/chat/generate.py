@@ -244,6 +244,11 @@ class Generation:
         return self.text
 
     @property
+    def done(self) -> bool:
+        """Generation has ended (finished, stopped or failed)."""
+        return not self._thread.is_alive()
+
+    @property
     def completion_tokens(self) -> int:
         return len(self._streamer.ids)
 

@@ -154,6 +154,7 @@ class Model:
         self.loaded = loaded
         self.chat = chat
         self.lock = threading.Lock()
+        self.last: Generation | None = None  # the latest reply, for logs and tests
         tokenizer = loaded.tokenizer
         self.call_role = CALL_ROLE if supports_role(tokenizer, CALL_ROLE) else "assistant"
         self.response_role = RESPONSE_ROLE if supports_role(tokenizer, RESPONSE_ROLE) else "tool"
@@ -196,7 +197,8 @@ class Model:
             torch.manual_seed(request.seed)
         kwargs = generation_kwargs(self.chat, max_new_tokens=min(wanted, room), temperature=request.temperature,
                                    top_p=request.top_p)
-        return Generation(self.loaded.model, self.loaded.tokenizer, ids, kwargs, stop_strings=request.stop)
+        self.last = Generation(self.loaded.model, self.loaded.tokenizer, ids, kwargs, stop_strings=request.stop)
+        return self.last
 
 
 def completion_id() -> str:
@@ -279,7 +281,10 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self._stream(reply, request) if request.stream else self._complete(reply, request)
             finally:
-                reply.stop()  # a client that went away ends the generation too
+                if not reply.done:
+                    reply.stop()  # a client that went away ends the generation too
+                log.info("%d prompt + %d completion tokens (%s)", reply.prompt_tokens, reply.completion_tokens,
+                         reply.finish_reason)
 
     def _body(self) -> Any:
         try:
