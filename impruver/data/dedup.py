@@ -11,13 +11,11 @@ million conversations cost a few hundred MB of arrays, not a million Python obje
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 
 import numpy as np
 import xxhash
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def normalize(text: str) -> str:
@@ -30,9 +28,6 @@ def exact_key(text: str) -> int:
     return xxhash.xxh64_intdigest(normalize(text).encode())
 
 
-_MAX_WORD = 48  # characters of a word that count for its hash (bounds the work on base64 blobs and the like)
-
-
 def _mix(x: np.ndarray) -> np.ndarray:
     """A 64-bit finalizer (splitmix64), vectorized: spreads the bits of a polynomial hash."""
     x = x ^ (x >> np.uint64(30))
@@ -42,26 +37,49 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-@lru_cache(maxsize=4)
-def _powers(width: int) -> np.ndarray:
-    return np.cumprod(np.full(width, 1_000_003, dtype=np.uint64), dtype=np.uint64)
+# Bytes that belong to words: ASCII letters and digits, "_", and every byte of a non-ASCII character (Cyrillic...).
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
+    _WORD_BYTE[_c] = True
+_WORD_BYTE[0x80:] = True
+_BASE = np.uint64(1_000_003)
+_GRAM_MULTIPLIERS = [np.uint64((0x9E3779B97F4A7C15 * (2 * j + 1)) % (1 << 64) | 1) for j in range(64)]
+
+
+_POWERS = np.cumprod(np.full(1 << 12, _BASE, dtype=np.uint64), dtype=np.uint64)
+
+
+def _powers(length: int) -> np.ndarray:
+    """BASE**1 .. BASE**length (mod 2**64), from a table that grows by doubling."""
+    global _POWERS
+    if length > len(_POWERS):
+        size = 1 << (length - 1).bit_length()
+        _POWERS = np.cumprod(np.full(size, _BASE, dtype=np.uint64), dtype=np.uint64)
+    return _POWERS[:length]
 
 
 def shingles(text: str, size: int) -> np.ndarray:
-    """64-bit hashes of the distinct runs of ``size`` consecutive words (order-aware), computed in numpy.
+    """64-bit hashes of the distinct runs of ``size`` consecutive words (order-aware), all in numpy.
 
-    Words are hashed as polynomials of their code points; a shingle combines its words' hashes with
-    position-dependent multipliers, so "a b" and "b a" differ. uint64 arithmetic wraps (deterministically).
+    Words are runs of letters, digits, "_" and non-ASCII characters of the lower-cased UTF-8 text. A word's hash
+    is a polynomial of its bytes; a shingle combines its words' hashes with position-dependent multipliers, so
+    "a b" and "b a" differ. uint64 arithmetic wraps, deterministically.
     """
-    words = [w[:_MAX_WORD] for w in _WORD.findall(text.lower())]
-    if not words:
+    data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
+    inside = _WORD_BYTE[data]
+    word_bytes = data[inside].astype(np.uint64)
+    if len(word_bytes) == 0:
         return np.zeros(1, dtype=np.uint64)
-    codes = np.array(words).view(np.uint32).reshape(len(words), -1).astype(np.uint64)  # (n, width), 0-padded
-    word_hash = _mix((codes * _powers(codes.shape[1])).sum(axis=1, dtype=np.uint64) + np.uint64(len(words) > 0))
-    span = min(size, len(words))
-    grams = np.zeros(len(words) - span + 1, dtype=np.uint64)
-    for j in range(span):  # shingle = sum of word_hash[i + j] * multiplier_j
-        grams += word_hash[j:len(words) - span + 1 + j] * np.uint64(2 * j + 0x9E3779B97F4A7C15 % (1 << 63) | 1)
+    begins = inside & ~np.r_[False, inside[:-1]]  # first byte of each word
+    word_id = np.cumsum(begins)[inside] - 1  # for each word byte, its word
+    starts = np.flatnonzero(np.r_[True, word_id[1:] != word_id[:-1]])
+    position = np.arange(len(word_bytes)) - np.repeat(starts, np.diff(np.r_[starts, len(word_bytes)]))
+    word_hash = _mix(np.add.reduceat(word_bytes * _powers(len(word_bytes))[position], starts))
+    count = len(word_hash)
+    span = min(size, count)
+    grams = np.zeros(count - span + 1, dtype=np.uint64)
+    for j in range(span):  # shingle = sum over its words of word_hash * multiplier of the word's place
+        grams += word_hash[j:count - span + 1 + j] * _GRAM_MULTIPLIERS[j % 64]
     return np.unique(_mix(grams))
 
 

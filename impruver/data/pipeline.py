@@ -319,7 +319,7 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
         val[np.random.default_rng(spec.seed).choice(kept, size=n_val, replace=False)] = True
     weights = np.array([plan.sources[n].weight for n in collected["names"]])[collected["source"]] if units else \
         np.zeros(0)
-    draws = np.array([xxhash.xxh64_intdigest(f"{spec.seed}:weight:{u}".encode()) / 2**64 for u in range(units)])
+    draws = np.random.default_rng([spec.seed, 1]).random(units)  # one draw per unit, from the seed
     # Weights up- or down-sample the training set only (validation keeps the natural mix): floor(w) copies and
     # one more with probability frac(w), drawn per unit from the seed.
     repeats = (np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
@@ -338,44 +338,34 @@ def _val_count(spec: Any, kept: int) -> int:
 
 def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
     """Stream the shards into train.jsonl / val.jsonl in the work folder; token statistics per split."""
-    per_unit = collected["per_unit"]
-    sample_unit = np.repeat(np.arange(len(per_unit)), per_unit)
-    stats = {"train": _Stats(), "val": _Stats()}
+    sample_unit = np.repeat(np.arange(len(collected["per_unit"])), collected["per_unit"])  # (samples,)
+    to_val = decisions["val"][sample_unit]
+    copies = decisions["repeats"][sample_unit]
     with (work / "train.jsonl").open("wb") as train, (work / "val.jsonl").open("wb") as val:
         position = 0
         for shard in collected["shards"]:
             with open(shard, "rb") as handle:
                 for line in handle:
-                    unit = sample_unit[position]
-                    length, trained = collected["lengths"][position], collected["trainable"][position]
-                    position += 1
-                    if decisions["val"][unit]:
+                    if to_val[position]:
                         val.write(line)
-                        stats["val"].add(length, trained)
-                    for _ in range(decisions["repeats"][unit]):
-                        train.write(line)
-                        stats["train"].add(length, trained)
-    return {k: v.summary() for k, v in stats.items()}
+                    elif copies[position]:
+                        train.write(line * int(copies[position]))
+                    position += 1
+    lengths, trainable = collected["lengths"], collected["trainable"]
+    return {"train": _stats(np.repeat(lengths, copies), np.repeat(trainable, copies)),
+            "val": _stats(lengths[to_val], trainable[to_val])}
 
 
-class _Stats:
-    def __init__(self) -> None:
-        self.lengths: list[int] = []
-        self.trainable = 0
-
-    def add(self, length: int, trainable: int) -> None:
-        self.lengths.append(int(length))
-        self.trainable += int(trainable)
-
-    def summary(self) -> dict[str, Any]:
-        if not self.lengths:
-            return {"samples": 0, "tokens": 0, "trainable_tokens": 0, "trainable_fraction": 0.0}
-        lengths = np.asarray(self.lengths)
-        return {"samples": len(lengths), "tokens": int(lengths.sum()), "trainable_tokens": self.trainable,
-                "trainable_fraction": round(self.trainable / max(1, int(lengths.sum())), 4),
-                "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
-                "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
-                "max": int(lengths.max())}
+def _stats(lengths: np.ndarray, trainable: np.ndarray) -> dict[str, Any]:
+    """Token-length statistics of one split."""
+    if len(lengths) == 0:
+        return {"samples": 0, "tokens": 0, "trainable_tokens": 0, "trainable_fraction": 0.0}
+    total = int(lengths.sum())
+    return {"samples": len(lengths), "tokens": total, "trainable_tokens": int(trainable.sum()),
+            "trainable_fraction": round(int(trainable.sum()) / max(1, total), 4),
+            "min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
+            "p50": int(np.percentile(lengths, 50)), "p95": int(np.percentile(lengths, 95)),
+            "max": int(lengths.max())}
 
 
 def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], decisions: dict[str, np.ndarray],
