@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,62 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path: Path, use_file
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == sorted(set(steps)), "no step is logged twice after the resume"
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path, use_files, monkeypatch) -> None:
+    import impruver.train.outputs as outputs
+
+    seen = {}
+    real_save = outputs.save_model
+
+    def capture(model, tokenizer, plan, *, adapter):
+        seen["dtypes"] = {p.dtype for p in model.parameters()}
+        return real_save(model, tokenizer, plan, adapter=adapter)
+
+    monkeypatch.setattr(outputs, "save_model", capture)
+    out = prepare(tmp_path / "run")
+    plan = tiny_plan(out, method="full", model={"builder": "arch", "arch": {**LLAMA_ARCH}, "dtype": "bfloat16"},
+                     train={"max_steps": 20, "lr": 1e-2})
+    plan = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"mixed_precision": "bf16"})})
+    run(plan)
+    assert seen["dtypes"] == {torch.float32}  # model.dtype bfloat16 is the compute dtype, not the master copy
+    losses = _train_losses(out)
+    assert losses[-1] < losses[0], losses
+
+
+def test_checkpoints_rotate_and_the_best_one_is_kept_and_reported(tmp_path: Path, use_files) -> None:
+    from safetensors.torch import load_file
+
+    out = prepare(tmp_path / "run", n_train=16)
+    summary = run(tiny_plan(out, train={"max_steps": 30, "lr": 3e-2, "save_steps": 5, "eval_steps": 5,
+                                         "save_total_limit": 1}))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in records if r["event"] == "eval"}
+    assert sorted(evals) == [5, 10, 15, 20, 25, 30]
+    best = min(evals, key=evals.get)
+    assert summary["best_step"] == best and summary["eval_loss"] == pytest.approx(evals[best], abs=1e-6)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    expected = {"step-00000025"} | ({f"step-{best:08d}"} if best < 30 else set())
+    assert set(kept) == expected
+    if best < 30:  # the saved model is the best checkpoint's, not the last step's
+        saved = load_file(out / "model.safetensors")
+        best_weights = load_file(out / "checkpoints" / f"step-{best:08d}" / "trainable.safetensors")
+        for name, value in best_weights.items():
+            key = name if name in saved else name.replace("lm_head.", "transformer.wte.")
+            if key in saved:
+                assert torch.equal(saved[key], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("IMPRUVER_TEST_COMPILE"),
+                    reason="inductor compiles for ~1 min on 2 cores; set IMPRUVER_TEST_COMPILE=1 to run it")
+def test_compiled_training_matches_eager(tmp_path: Path, use_files) -> None:
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile on the CPU needs a C compiler")
+    eager, compiled = prepare(tmp_path / "eager"), prepare(tmp_path / "compiled")
+    run(tiny_plan(eager, train={"max_steps": 4, "eval_steps": None, "save_steps": None}))
+    run(tiny_plan(compiled, train={"max_steps": 4, "eval_steps": None, "save_steps": None, "compile": True}))
+    a, b = _train_losses(eager), _train_losses(compiled)
+    assert a == pytest.approx(b, rel=1e-3)

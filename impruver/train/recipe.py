@@ -76,6 +76,12 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     from impruver.train.optim import param_groups
     from impruver.train.outputs import base_needs_saving, save_base, save_model, write_card
 
+    if not worker:
+        # accelerate keeps one global state per process: a second run in the same process (a notebook, a sweep,
+        # the tests) with other precision settings must start from a clean one.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=plan.hardware.device == "cpu", mixed_precision=plan.hardware.mixed_precision)
     main, world = accelerator.is_main_process, accelerator.num_processes
     train_spec = plan.train
