@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from test_chat_support import TEMPLATE, build_tokenizer, chat_dirs, chat_plan, direct_reply  # noqa: F401, F811
 
-from impruver.chat.generate import (Generation, fit, generation_kwargs, parse_function_call, render,
-                                    supports_role)
+from impruver.chat.generate import Generation, fit, generation_kwargs, parse_function_call, render
 from impruver.chat.load import load
 from impruver.plan import ChatSpec
 
@@ -99,13 +98,22 @@ def test_parse_function_call(text: str, allow_json: bool, expected: Any) -> None
     assert parse_function_call(text, allow_json=allow_json) == expected
 
 
-def test_supports_role_probes_the_template() -> None:
+def test_render_maps_function_turns_and_tools_onto_the_template_as_training_does() -> None:
     tok = build_tokenizer()
-    assert supports_role(tok, "function_call") and supports_role(tok, "function_response")
-    strict = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}"
-              "{{ raise_exception('unknown role') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    tok.chat_template = strict
-    assert not supports_role(tok, "function_call")
-    tok.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
-    assert not supports_role(tok, "function_call")  # dropped silently counts as unsupported
-    assert TEMPLATE  # the saiga-style template the other tests use renders every role
+    call = '{"name": "get_weather", "arguments": {"city": "Moscow"}}'
+    turns = [{"role": "user", "content": "Погода?"}, {"role": "function_call", "content": call},
+             {"role": "function_response", "content": '{"temp": 21}'}]
+
+    def text(ids: list[int]) -> str:
+        return tok.decode(ids)
+
+    assert text(render(tok, turns)) == (f"<s>user\nПогода?</s>\n<s>function_call\n{call}</s>\n"
+                                        '<s>function_response\n{"temp": 21}</s>\n<s>bot\n')
+    tok.chat_template = TEMPLATE.split("#}", 1)[1]  # the same turns, but the source never names the function roles
+    assert text(render(tok, turns)) == (f"<s>user\nПогода?</s>\n<s>bot\n{call}</s>\n"
+                                        '<s>user\n{"temp": 21}</s>\n<s>bot\n')
+    tools = [{"name": "get_weather", "parameters": {"type": "object"}}]
+    rendered = text(render(tok, turns[:1], tools=tools))  # a template that never reads `tools`
+    assert rendered.startswith("<s>system\nYou can call these functions (JSON schemas):\n"
+                               '{"name": "get_weather", "parameters": {"type": "object"}}</s>\n<s>user\n')
+    assert render(tok, turns[:1]) == tok.apply_chat_template(turns[:1], add_generation_prompt=True)["input_ids"]

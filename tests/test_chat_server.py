@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_chat_support import (CALL, REPO, chat_dirs, chat_plan, cli_env, direct_reply,  # noqa: F401, F811
+from test_chat_support import (CALL, REPO, TOOLS, chat_dirs, chat_plan, cli_env, direct_reply,  # noqa: F401, F811
                                function_caller, impruver_cmd)
 
 from impruver.chat.load import load
@@ -192,9 +192,7 @@ def test_client_that_goes_away_mid_stream_stops_the_generation(full_server: tupl
 
 def test_tool_calls_round_trip(function_caller: Path) -> None:
     plan = chat_plan(function_caller, "chat.max_new_tokens=40")
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"city": {"type": "string"}}}}}]
+    tools = TOOLS
     with serving(load(plan), plan.chat) as url:
         api = client(url)
         question = [{"role": "user", "content": "Погода?"}]

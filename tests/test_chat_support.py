@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = (
+TEMPLATE = (  # roles: system, user, assistant (written bot), function_call, function_response
+    "{#- renders every role as it is, function_call and function_response included #}"
     "{% for m in messages %}"
     "{{ '<s>' + ('bot' if m['role'] == 'assistant' else m['role']) + '\\n' + m['content'] + '</s>\\n' }}"
     "{% endfor %}"
@@ -30,6 +31,9 @@ CORPUS = [
     '{"name": "get_weather", "arguments": {"city": "Moscow"}} function_call function_response',
 ]
 CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Moscow"}})  # what the function caller says
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
 POSITIONS = 2048  # long enough for a reply that is still streaming when the Ctrl+C test interrupts it
 
 
@@ -117,9 +121,20 @@ def save_merged(adapter: Path, folder: Path) -> Path:
     return folder
 
 
+# Built once per test session: each test module that imports a fixture gets its own copy of the fixture, and
+# the copies share what was built through this cache.
+_BUILT: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="session")
 def chat_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{full, adapter, merged_run}: a full model run, an adapter run, and an adapter run with merged/ export."""
+    if "chat_dirs" not in _BUILT:
+        _BUILT["chat_dirs"] = _chat_dirs(tmp_path_factory)
+    return _BUILT["chat_dirs"]
+
+
+def _chat_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("chat")
     full = save_full(root / "full")
     adapter = save_adapter(full, root / "adapter")
@@ -132,35 +147,41 @@ def chat_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model overfit to answer 'Погода?' with a function call (CALL) and the function's result with text."""
+    """A tiny model overfit to answer 'Погода?' with a function call (CALL) and the function's result with text,
+    with and without function schemas (TOOLS) in the request. Prompts are rendered by impruver's chat (as the
+    training data would be: schemas in the system turn for a template that never reads `tools`)."""
+    if "function_caller" not in _BUILT:
+        _BUILT["function_caller"] = _function_caller(tmp_path_factory)
+    return _BUILT["function_caller"]
+
+
+def _function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
+
+    from impruver.chat.generate import render
 
     tok = build_tokenizer()
     model = build_model(tok, seed=2, positions=256, init=0.02).train()
-    call = CALL
     user = {"role": "user", "content": "Погода?"}
-    conversations = [
-        [user, {"role": "assistant", "content": call}],
-        [user, {"role": "function_call", "content": call}, {"role": "function_response", "content": '{"temp": 21}'},
-         {"role": "assistant", "content": "Тепло, +21"}],
+    exchanges = [
+        ([user], CALL),
+        ([user, {"role": "function_call", "content": CALL}, {"role": "function_response", "content": '{"temp": 21}'}],
+         "Тепло, +21"),
     ]
-    rows = []
-    for conversation in conversations:  # loss on the last turn only
-        ids = tok.apply_chat_template(conversation, return_tensors="pt", return_dict=True)["input_ids"]
-        prompt = tok.apply_chat_template(conversation[:-1], add_generation_prompt=True)["input_ids"]
-        labels = ids.clone()
-        labels[:, :len(prompt)] = -100
-        rows.append((ids, labels))
+    rows = []  # (prompt ids, answer ids) with and without tools
+    for tools in (None, TOOLS):
+        for turns, answer in exchanges:
+            rows.append((render(tok, turns, tools=tools), tok(answer + "</s>", add_special_tokens=False)["input_ids"]))
+    batch = [(torch.tensor([p + a]), torch.tensor([[-100] * len(p) + a])) for p, a in rows]  # loss on the answer
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    wanted = [c[-1]["content"] for c in conversations]
-    for step in range(1, 301):  # about 20 steps are enough
-        loss = sum(model(ids, labels=labels).loss for ids, labels in rows)
+    for step in range(1, 301):  # about 20-40 steps are enough
+        loss = sum(model(ids, labels=labels).loss for ids, labels in batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 10 == 0:
             model.eval()
-            if [direct_reply(model, tok, c[:-1], max_new_tokens=40) for c in conversations] == wanted:
+            if all(greedy(model, tok, prompt, len(answer)) == answer for prompt, answer in rows):
                 break
             model.train()
     assert not model.training, "the tiny model did not learn to call the function"
@@ -169,6 +190,17 @@ def function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save_pretrained(folder)
     write_plan(folder)
     return folder
+
+
+def greedy(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Plain greedy generate from token ids: the new ids (end of turn included)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, repetition_penalty=1.1, pad_token_id=tokenizer.pad_token_id)
+    return out[0, len(prompt):].tolist()
 
 
 def chat_plan(output_dir: Path, *overrides: str) -> Any:

@@ -7,6 +7,7 @@ went away) is a stopping criterion that the generating thread checks after every
 
 from __future__ import annotations
 
+import functools
 import json
 import queue
 import re
@@ -18,8 +19,8 @@ from impruver.errors import RunError
 
 Message = dict[str, Any]  # {"role": ..., "content": ...}
 
-# saiga-style function calling (the fc presets): the model writes a function_call turn and is answered by a
-# function_response turn. Templates without these roles get the OpenAI names (assistant / tool) instead.
+# Function calling in impruver's roles (the fc presets): the model writes a function_call turn and is answered by
+# a function_response turn; render() maps them onto what each template knows.
 CALL_ROLE = "function_call"
 RESPONSE_ROLE = "function_response"
 _ROLE_PREFIX = re.compile(rf"^\s*{CALL_ROLE}\s*\n")
@@ -45,14 +46,34 @@ def generation_kwargs(chat: Any, *, max_new_tokens: int | None = None, temperatu
 
 
 def render(tokenizer: Any, messages: Sequence[Message], *, tools: list[Any] | None = None) -> list[int]:
-    """Token ids of the conversation in the tokenizer's chat template, ending with the reply's header."""
+    """Token ids of the conversation in the tokenizer's chat template, ending with the reply's header.
+
+    ``messages`` use impruver's roles (system, user, assistant, function_call, function_response). They reach the
+    template exactly as in training (:class:`impruver.data.render.Renderer`): a template without the function
+    roles gets a call as an assistant turn and a result as a user turn (or OpenAI ``tool_calls`` / ``tool``
+    turns where it knows those), and one that never reads ``tools`` finds the schemas in its system turn.
+    """
+    renderer = _renderer(tokenizer.chat_template, tuple(sorted(_special_tokens(tokenizer).items())))
     try:
-        text = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=True,
-                                             tokenize=False)
-    except Exception as exc:  # jinja errors (raise_exception in a template, unknown role...) all end up here
+        turns, _, tools = renderer.template_messages({"messages": list(messages), "tools": tools})
+        text = renderer.render(turns, tools, add_generation_prompt=True)
+    except Exception as exc:  # jinja errors (raise_exception in a template, an unknown role...) all end up here
         raise RunError(f"the chat template cannot render this conversation: {type(exc).__name__}: {exc}") from None
-    # The template writes any BOS itself, as it did in training (apply_chat_template does the same).
+    # Tokenized as the training data was: the rendered text at once, the template writing any BOS itself.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=8)
+def _renderer(source: str, special_tokens: tuple[tuple[str, str], ...]) -> Any:
+    from impruver.data.render import Renderer
+
+    return Renderer.from_template(source, dict(special_tokens))
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, str]:
+    from impruver.data.tokenizers import special_tokens_of
+
+    return special_tokens_of(tokenizer)
 
 
 def fit(tokenizer: Any, messages: list[Message], budget: int, *,
@@ -89,17 +110,6 @@ def _oldest_exchange(messages: list[Message]) -> tuple[int | None, int]:
     if len(users) < 2:
         return None, 0
     return users[0], users[1]
-
-
-def supports_role(tokenizer: Any, role: str) -> bool:
-    """Whether the chat template renders a turn of ``role`` (it may raise, or drop the turn silently)."""
-    probe = "\u2063probe\u2063"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": role, "content": probe}],
-                                             tokenize=False)
-    except Exception:  # the template refuses the role
-        return False
-    return probe in text
 
 
 def parse_function_call(text: str, *, allow_json: bool = True) -> dict[str, Any] | None:

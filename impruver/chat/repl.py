@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from impruver.chat.generate import (CALL_ROLE, RESPONSE_ROLE, Generation, Message, fit, generation_kwargs,
-                                    parse_function_call, supports_role)
+                                    parse_function_call)
 from impruver.errors import ImpruverError, RunError
 
 HELP = """commands:
@@ -43,9 +43,6 @@ class Session:
     messages: list[Message] = field(default_factory=list)  # user / assistant / function turns, no system
 
     def __post_init__(self) -> None:
-        tokenizer = self.loaded.tokenizer
-        self.call_role = CALL_ROLE if supports_role(tokenizer, CALL_ROLE) else "assistant"
-        self.response_role = RESPONSE_ROLE if supports_role(tokenizer, RESPONSE_ROLE) else "tool"
         self.budget = self.loaded.context_length - self.chat.max_new_tokens  # prompt tokens allowed
 
     def conversation(self) -> list[Message]:
@@ -67,7 +64,7 @@ class Session:
         call = parse_function_call(text) if reply.finish_reason != "interrupted" else None
         if call is not None:
             content = json.dumps(call, ensure_ascii=False)
-            self.messages.append({"role": self.call_role, "content": content})
+            self.messages.append({"role": CALL_ROLE, "content": content})
         elif text:
             self.messages.append({"role": "assistant", "content": text})
         else:
@@ -168,7 +165,7 @@ def _turn(session: Session, line: str, out: TextIO, *, stream: bool) -> bool:
         if command in ("/exit", "/quit"):
             return False
         if command in ("/tool", "/function"):
-            _reply(session, session.response_role, _tool_json(arg), out, stream=stream)
+            _reply(session, RESPONSE_ROLE, _tool_json(arg), out, stream=stream)
             return True
         _command(session, command, arg.strip(), out)
         return True

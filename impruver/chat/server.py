@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from impruver.chat.generate import (CALL_ROLE, RESPONSE_ROLE, Generation, generation_kwargs, parse_function_call,
-                                    render, supports_role)
+                                    render)
 from impruver.errors import ImpruverError, RunError
 from impruver.ui import console, log
 
@@ -155,12 +155,9 @@ class Model:
         self.chat = chat
         self.lock = threading.Lock()
         self.last: Generation | None = None  # the latest reply, for logs and tests
-        tokenizer = loaded.tokenizer
-        self.call_role = CALL_ROLE if supports_role(tokenizer, CALL_ROLE) else "assistant"
-        self.response_role = RESPONSE_ROLE if supports_role(tokenizer, RESPONSE_ROLE) else "tool"
 
     def conversation(self, request: Request) -> list[dict[str, Any]]:
-        """OpenAI messages as the template's turns: tool calls and results become function turns."""
+        """OpenAI messages in impruver's roles: tool calls and their results become function turns."""
         turns = []
         if self.chat.system_prompt and not any(m["role"] == "system" for m in request.messages):
             turns.append({"role": "system", "content": self.chat.system_prompt})
@@ -175,9 +172,9 @@ class Model:
                         pass
                     content = json.dumps({"name": function.get("name", ""), "arguments": arguments},
                                           ensure_ascii=False)
-                    turns.append({"role": self.call_role, "content": content})
+                    turns.append({"role": CALL_ROLE, "content": content})
             elif m["role"] in ("tool", "function"):
-                turns.append({"role": self.response_role, "content": m["content"]})
+                turns.append({"role": RESPONSE_ROLE, "content": m["content"]})
             else:
                 turns.append({"role": m["role"], "content": m["content"]})
         return turns
