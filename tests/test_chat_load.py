@@ -64,7 +64,7 @@ def test_missing_output_dir_names_it_and_the_command(tmp_path: Path) -> None:
         locate(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("case", ["empty", "plan_only", "checkpoints", "truncated", "no_weights", "bin_only",
+@pytest.mark.parametrize("case", ["empty", "plan_only", "running", "checkpoints", "truncated", "no_weights", "bin_only",
                                   "missing_shard", "adapter_without_weights"])
 def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict[str, Path],
                                                       tmp_path: Path) -> None:
@@ -74,6 +74,7 @@ def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict
     expected = {
         "empty": "no model weights.*impruver train",
         "plan_only": "holds a plan.*no trained model yet.*impruver train",
+        "running": r"training run seems to be in progress \(metrics.jsonl was written \d+ s ago\)",
         "checkpoints": "checkpoint-10, checkpoint-20: training is still running.*train.resume=auto.*checkpoint-20",
         "truncated": "model.safetensors is truncated.*still being written",
         "no_weights": "no model weights",
@@ -81,8 +82,10 @@ def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict
         "missing_shard": "missing weight shards model-00002-of-00002.safetensors",
         "adapter_without_weights": "adapter_config.json but no adapter_model.safetensors",
     }[case]
-    if case == "plan_only":
+    if case in ("plan_only", "running"):
         shutil.copy(full / "plan.yaml", out)
+    if case == "running":
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 7.7}\n')
     if case == "checkpoints":
         for step in (10, 20):
             (out / f"checkpoint-{step}").mkdir()
@@ -102,6 +105,11 @@ def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict
     with pytest.raises(RunError, match=expected) as error:
         locate(out)
     assert str(out) in str(error.value)
+
+
+def test_max_new_tokens_must_leave_room_in_the_context(chat_dirs: dict[str, Path]) -> None:
+    with pytest.raises(RunError, match="chat.max_new_tokens=2048 leaves no room.*context of 2048 tokens"):
+        load(chat_plan(chat_dirs["full"], "chat.max_new_tokens=2048"))
 
 
 def test_missing_tokenizer_is_reported(chat_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -212,10 +212,25 @@ def _nothing_there(folder: Path) -> str:
         return (f"{head} It holds {', '.join(p.name for p in checkpoints)}: training is still running or stopped "
                 f"before the end. Wait for it to finish, resume it with `impruver train output_dir={folder} "
                 f"train.resume=auto`, or chat with a checkpoint: `impruver chat output_dir={last}`.")
+    running = _recently_written(folder)
+    if running:
+        return (f"{head} A training run seems to be in progress ({running}): chat when it has finished, or start "
+                f"one with `impruver train output_dir={folder}`.")
     if (folder / "plan.yaml").is_file() or (folder / "data").is_dir():
         return (f"{head} It holds a plan (or composed data) but no trained model yet: run "
                 f"`impruver train output_dir={folder}` and chat when it has finished.")
     return f"{head} {_train_hint(folder)}"
+
+
+def _recently_written(folder: Path, within_s: float = 600) -> str:
+    """'metrics.jsonl written 12 s ago' when the training log changed lately, else ''."""
+    import time
+
+    log_file = folder / "metrics.jsonl"
+    if not log_file.is_file():
+        return ""
+    age = time.time() - log_file.stat().st_mtime
+    return f"{log_file.name} was written {age:.0f} s ago" if age < within_s else ""
 
 
 def _train_hint(folder: Path) -> str:

@@ -35,7 +35,7 @@ COMMANDS = ("/system", "/reset", "/history", "/tool", "/help", "/exit", "/quit")
 
 @dataclass
 class Session:
-    """A conversation with one loaded model: history, system prompt, and the turns' roles for this template."""
+    """A conversation with one loaded model: its history (impruver's roles) and system prompt."""
 
     loaded: Any
     chat: Any  # plan.chat
@@ -53,7 +53,11 @@ class Session:
         """Add a turn and start the reply; return it and how many old messages were forgotten to fit."""
         self.messages.append({"role": role, "content": content})
         conversation = self.conversation()
-        ids, dropped = fit(self.loaded.tokenizer, conversation, self.budget)
+        try:
+            ids, dropped = fit(self.loaded.tokenizer, conversation, self.budget)
+        except BaseException:  # the template refused it, or Ctrl+C: the turn was never sent
+            self.messages.pop()
+            raise
         self.messages = conversation[1:] if self.system else conversation  # fit() never drops the system turn
         kwargs = generation_kwargs(self.chat)
         return Generation(self.loaded.model, self.loaded.tokenizer, ids, kwargs), dropped
@@ -112,7 +116,7 @@ def run(plan: Any, *, prompt: str | None = None) -> int:
 def one_shot(session: Session, prompt: str, out: TextIO) -> int:
     """Answer one message and print the reply (streamed in a terminal)."""
     reply, _ = session.start("user", prompt)
-    _show(reply, out, stream=out.isatty())
+    _show(reply, out, stream=out.isatty(), prefix="")
     session.finish(reply)
     return 0
 
@@ -128,6 +132,8 @@ def scripted(session: Session, lines: TextIO, out: TextIO) -> int:
                 break
         except ImpruverError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        except Exception as exc:  # a script gets every reply it can, and the reason for any it cannot
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -138,8 +144,10 @@ def interactive(session: Session) -> int:
     out.write(f"impruver chat: {session.loaded.describe()}\n"
               f"/help for commands, Ctrl+C stops a reply, Ctrl+D quits\n")
     while True:
+        out.write("\n")  # readline redraws a one-line prompt best
+        out.flush()
         try:
-            line = input("\nyou> ")
+            line = input("you> ")
         except EOFError:
             out.write("\n")
             return 0
@@ -155,6 +163,8 @@ def interactive(session: Session) -> int:
             out.write("\n[stopped]\n")
         except ImpruverError as exc:
             out.write(f"\nerror: {exc}\n")
+        except Exception as exc:  # whatever it was, the conversation goes on, and no traceback is shown
+            out.write(f"\nerror: {type(exc).__name__}: {exc}\n")
         out.flush()
 
 
@@ -221,10 +231,10 @@ def _reply(session: Session, role: str, content: str, out: TextIO, *, stream: bo
     out.flush()
 
 
-def _show(reply: Generation, out: TextIO, *, stream: bool) -> None:
+def _show(reply: Generation, out: TextIO, *, stream: bool, prefix: str = "bot> ") -> None:
     """Print the reply: piece by piece in a terminal, whole (exactly as generated) otherwise."""
     if stream:
-        out.write("bot> ")
+        out.write(prefix)
         out.flush()
         shown = ""
         for piece in reply:
