@@ -107,9 +107,14 @@ def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict
     assert str(out) in str(error.value)
 
 
-def test_max_new_tokens_must_leave_room_in_the_context(chat_dirs: dict[str, Path]) -> None:
-    with pytest.raises(RunError, match="chat.max_new_tokens=2048 leaves no room.*context of 2048 tokens"):
-        load(chat_plan(chat_dirs["full"], "chat.max_new_tokens=2048"))
+def test_replies_that_would_fill_the_context_are_capped(capsys: pytest.CaptureFixture[str]) -> None:
+    from impruver.chat.load import chat_settings
+    from impruver.plan import ChatSpec
+
+    assert chat_settings(ChatSpec(max_new_tokens=255), 256).max_new_tokens == 255
+    assert capsys.readouterr().err == ""
+    assert chat_settings(ChatSpec(max_new_tokens=256), 256).max_new_tokens == 128  # the demo's defaults
+    assert "replies are capped at 128 tokens" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_is_reported(chat_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -257,9 +257,6 @@ def load(plan: Any) -> Loaded:
     tokenizer = load_tokenizer(found, plan)  # the cheaper, likelier failure first
     model = load_model(found, plan)
     context = context_length(model, plan)
-    if context <= plan.chat.max_new_tokens:
-        raise RunError(f"chat.max_new_tokens={plan.chat.max_new_tokens} leaves no room for the conversation in "
-                       f"the model's context of {context} tokens; set chat.max_new_tokens below {context}.")
     name = Path(plan.output_dir).expanduser().resolve().name or "impruver"
     return Loaded(model=model, tokenizer=tokenizer, found=found, context_length=context, name=name)
 
@@ -337,6 +334,21 @@ def _dtype(name: str, device: str) -> Any:
     if device == "cpu":
         return torch.float32  # half precision is slow (or unsupported) for generation on CPUs
     return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def chat_settings(chat: Any, context: int) -> Any:
+    """``plan.chat``, with replies capped at half the context when max_new_tokens would leave no room for a prompt.
+
+    The default (256 new tokens) is the whole context of small models such as the demo's (256 positions).
+    """
+    if chat.max_new_tokens < context:
+        return chat
+    capped = max(1, context // 2)
+    from impruver.ui import print_warning
+
+    print_warning(f"chat.max_new_tokens={chat.max_new_tokens} would fill the model's whole context of {context} "
+                  f"tokens; replies are capped at {capped} tokens (set chat.max_new_tokens below {context})")
+    return chat.model_copy(update={"max_new_tokens": capped})
 
 
 def context_length(model: Any, plan: Any) -> int:

@@ -97,11 +97,11 @@ def run(plan: Any, *, prompt: str | None = None) -> int:
     locate(plan.output_dir, model_path=plan.model.path)  # a missing model fails before torch is imported
     quiet_libraries()
     try:
-        from impruver.chat.load import load
+        from impruver.chat.load import chat_settings, load
 
         loaded = load(plan)
         seed(plan.chat.seed)
-        session = Session(loaded, plan.chat, system=plan.chat.system_prompt)
+        session = Session(loaded, chat_settings(plan.chat, loaded.context_length), system=plan.chat.system_prompt)
         if prompt is not None:
             return one_shot(session, prompt, sys.stdout)
         if not sys.stdin.isatty():

@@ -385,7 +385,7 @@ def run(plan: Any) -> int:
     Returns:
         0 after Ctrl+C (problems raise :class:`~impruver.errors.RunError`, exit status 2).
     """
-    from impruver.chat.load import load, locate, quiet_libraries, seed
+    from impruver.chat.load import chat_settings, load, locate, quiet_libraries, seed
 
     locate(plan.output_dir, model_path=plan.model.path)  # fail before importing torch
     quiet_libraries()
@@ -393,7 +393,7 @@ def run(plan: Any) -> int:
     seed(plan.chat.seed)
     host, port = plan.chat.host, plan.chat.port
     try:
-        server = make_server(loaded, plan.chat, host=host, port=port)
+        server = make_server(loaded, chat_settings(plan.chat, loaded.context_length), host=host, port=port)
     except OSError as exc:
         raise RunError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another with "
                        f"chat.port=N (or stop what uses it)") from None
