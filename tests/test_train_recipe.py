@@ -138,3 +138,12 @@ def test_compiled_training_matches_eager(tmp_path: Path, use_files) -> None:
     run(tiny_plan(compiled, train={"max_steps": 4, "eval_steps": None, "save_steps": None, "compile": True}))
     a, b = _train_losses(eager), _train_losses(compiled)
     assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_resume_refuses_settings_that_change_the_data_order(tmp_path: Path, use_files) -> None:
+    from impruver.errors import RunError
+
+    out = prepare(tmp_path / "run")
+    run(tiny_plan(out, train={"max_steps": 10, "save_steps": 5}))
+    with pytest.raises(RunError, match="batch_size: 4 -> 2"):
+        run(tiny_plan(out, train={"max_steps": 10, "save_steps": 5, "batch_size": 2, "resume": "auto"}))

@@ -40,6 +40,23 @@ class TrainState:
     best_step: int | None = None
     best_eval_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # eval results so far
+    signature: dict[str, Any] = field(default_factory=dict)  # what fixes the data order (see check_signature)
+
+
+def check_signature(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    """A resumed run must see the same batches: the settings that decide the data order must not change.
+
+    Raises:
+        RunError: naming each setting that differs, with both values.
+    """
+    changed = [f"{key}: {saved[key]} -> {current.get(key)}" for key in saved
+               if key != "total_steps" and saved[key] != current.get(key)]
+    if changed:
+        raise RunError(f"train.resume: {folder} was written with other settings that decide the data order "
+                       f"({'; '.join(changed)}); restore them, or start over with train.resume=never")
+    if saved.get("total_steps") not in (None, current.get("total_steps")):
+        log.warning("resuming with %s total steps instead of %s: the learning-rate schedule is stretched to "
+                    "the new length", current.get("total_steps"), saved["total_steps"])
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:

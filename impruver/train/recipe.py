@@ -67,7 +67,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
 
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     from impruver.train import checkpoint as ckpt
     from impruver.train.data import Batches, make_rows, read_samples
@@ -82,7 +82,13 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=plan.hardware.device == "cpu", mixed_precision=plan.hardware.mixed_precision)
+    try:  # e.g. train.ddp={ddp_find_unused_parameters: true}
+        handlers = [DistributedDataParallelKwargs(**{k.removeprefix("ddp_"): v for k, v in plan.train.ddp.items()})]
+    except TypeError as exc:
+        raise RunError(f"train.ddp: {exc} (keys are DistributedDataParallel arguments, e.g. "
+                       "ddp_find_unused_parameters)") from None
+    accelerator = Accelerator(cpu=plan.hardware.device == "cpu", mixed_precision=plan.hardware.mixed_precision,
+                              kwargs_handlers=handlers)
     main, world = accelerator.is_main_process, accelerator.num_processes
     train_spec = plan.train
 
@@ -138,10 +144,15 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     forward_model = torch.compile(model) if train_spec.compile else model
 
     # 6. Resume: weights, optimizer, schedule and RNG from the last checkpoint; the data order follows the step.
-    state = ckpt.TrainState()
+    signature = {"seed": train_spec.seed, "batch_size": train_spec.batch_size, "grad_accum": accum,
+                 "world_size": world, "seq_len": seq_len, "packing": train_spec.packing,
+                 "rows": len(batches.rows), "total_steps": total_steps}
+    state = ckpt.TrainState(signature=signature)
     resume_from = ckpt.resolve_resume(train_spec.resume, plan.output_dir)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
+        ckpt.check_signature(state.signature, signature, resume_from)
+        state.signature = signature
         log.info("resuming from %s at step %d of %d", resume_from, state.step, total_steps)
     elif train_spec.resume == "auto":
         log.info("train.resume=auto: no checkpoint in %s, starting from step 0", plan.output_dir)
@@ -172,7 +183,9 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
 
     model.train()
     started, tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
-    window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    # The window's summed loss stays on the device: reading it (a device sync) happens only when logging.
+    window_loss = torch.zeros((), device=accelerator.device)
+    window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
     last_eval: float | None = None
     with progress() as bar:
         task = bar.add_task("training", total=total_steps, completed=state.step, info="")
@@ -182,10 +195,8 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                               packed=train_spec.packing) for m in micro]
             # Every rank divides by the global number of target tokens of this step (DDP averages gradients,
             # hence the factor `world`): the step's loss is the token-weighted mean over all its micro-batches.
-            n_targets = int(accelerator.reduce(torch.tensor(sum(p["n_targets"] for p in parts),
-                                                            device=accelerator.device), "sum").item())
-            n_tokens = int(accelerator.reduce(torch.tensor(sum(p["n_tokens"] for p in parts),
-                                                           device=accelerator.device), "sum").item())
+            n_targets, n_tokens = global_counts(accelerator, sum(p["n_targets"] for p in parts),
+                                                sum(p["n_tokens"] for p in parts))
             step_loss = torch.zeros((), device=accelerator.device)
             for k, part in enumerate(parts):
                 sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(model)
@@ -195,7 +206,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                 step_loss += loss_sum.detach()
             grad_norm = None
             if train_spec.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), train_spec.max_grad_norm))
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_spec.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
@@ -203,7 +214,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens += n_tokens
-            window_loss += float(accelerator.reduce(step_loss, "sum").item())
+            window_loss += step_loss
             window_targets += n_targets
             window_tokens += n_tokens
 
@@ -212,15 +223,17 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                 speed = window_tokens / max(now - window_start, 1e-9)
                 eta = (now - started) / max(state.step - start_step, 1) * (total_steps - state.step)
                 record = {"event": "train", "step": state.step, "epoch": round(state.step * accum /
-                          batches.per_epoch, 4), "loss": window_loss / max(window_targets, 1), "lr": lr,
-                          "grad_norm": grad_norm, "tokens": state.tokens, "tokens_per_s": speed,
+                          batches.per_epoch, 4),
+                          "loss": float(accelerator.reduce(window_loss, "sum")) / max(window_targets, 1), "lr": lr,
+                          "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": state.tokens, "tokens_per_s": speed,
                           "elapsed_s": state.elapsed_s + now - started, "eta_s": eta, "world_size": world}
                 writer.write(record)
                 bar.update(task, completed=state.step, info=f"loss {record['loss']:.4f} lr {lr:.2e} "
                            f"{speed:,.0f} tok/s")
                 if main and not interactive():
                     log.info(format_line(record, total_steps))
-                window_loss, window_targets, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss = torch.zeros((), device=accelerator.device)
+                window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
 
             eval_now = has_val and train_spec.eval_steps and state.step % train_spec.eval_steps == 0
             save_now = train_spec.save_steps and state.step % train_spec.save_steps == 0 and state.step < total_steps
@@ -281,6 +294,16 @@ def memory_problem(plan: Plan) -> str | None:
             "    (train.memory_check=false runs it anyway)")
 
 
+def global_counts(accelerator: Any, n_targets: int, n_tokens: int) -> tuple[int, int]:
+    """Target and real-token counts of this optimizer step summed over every rank (no device sync for one)."""
+    if accelerator.num_processes == 1:
+        return n_targets, n_tokens
+    import torch
+
+    counts = accelerator.reduce(torch.tensor([n_targets, n_tokens], device=accelerator.device), "sum")
+    return int(counts[0]), int(counts[1])
+
+
 def enable_checkpointing(model: Any) -> None:
     """Recompute each layer's activations in the backward pass (non-reentrant: works under peft and DDP)."""
     kwargs = {"use_reentrant": False}
@@ -296,13 +319,13 @@ def token_loss_sum(model: Any, batch: dict[str, Any], device: Any) -> Any:
     """Sum of next-token cross-entropy over the batch's target tokens (a 0-d fp32 tensor)."""
     import torch.nn.functional as F
 
-    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
+    inputs = {"input_ids": _to(batch["input_ids"], device), "position_ids": _to(batch["position_ids"], device),
               "use_cache": False}
     if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"].to(device)
+        inputs["attention_mask"] = _to(batch["attention_mask"], device)
     out = model(**inputs)
     logits = out.logits if hasattr(out, "logits") else out  # [batch, length, vocab]
-    targets = batch["targets"].to(device)  # [batch, length], already shifted
+    targets = _to(batch["targets"], device)  # [batch, length], already shifted
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
 
@@ -328,6 +351,13 @@ def eval_loss(model: Any, samples: Samples, batches: Batches, *, accelerator: An
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return float(total / count.clamp(min=1))
+
+
+def _to(tensor: Any, device: Any) -> Any:
+    """Host-to-device copy that does not block the host (pinned memory) on a GPU."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def _collate(samples: Samples, batches: Batches, micro: int, **kwargs: Any) -> dict[str, Any]:
