@@ -286,3 +286,33 @@ def test_cli_reports_bad_input_with_exit_status_2(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "missing.jsonl" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "o" / "data" / "train.jsonl").exists()
+
+
+def test_text_csv_and_packaged_sources(tmp_path):
+    (tmp_path / "book.txt").write_text("First paragraph, one line.\n\nSecond paragraph\nover two lines.\n\n\n" +
+                                       " ".join(WORDS * 20) + "\n", encoding="utf-8")
+    import csv
+
+    with (tmp_path / "qa.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["вопрос", "ответ"])
+        writer.writeheader()
+        writer.writerows([{"вопрос": f"вопрос {i} {WORDS[i]}", "ответ": f"ответ {i}"} for i in range(6)])
+    sources = {"book": {"path": str(tmp_path / "book.txt"), "format": "text", "max_tokens": 64},
+               "qa": {"path": str(tmp_path / "qa.csv"), "format": "instruct",
+                      "mapping": {"вопрос": "instruction", "ответ": "output"}},
+               "demo": {"path": "pkg://impruver/assets/demo/chats.jsonl", "format": "openai", "limit": 20}}
+    result = pipeline.compose(demo_plan(tmp_path, sources, val_size=0))
+    report = json.loads(result.report_path.read_text())["sources"]
+    assert report["book"]["loaded"] == 3 and report["book"]["train_samples"] > 3  # the long paragraph is cut up
+    assert report["qa"]["kept"] == 6 and report["demo"]["loaded"] == 20
+    samples = lines(result.train_path)
+    text_samples = samples[:report["book"]["train_samples"]]
+    assert all(s["labels"] == s["input_ids"] and len(s["input_ids"]) <= 64 for s in text_samples)
+
+
+def test_the_demo_preset_composes(tmp_path):
+    plan = make(["preset=demo", f"output_dir={tmp_path / 'demo'}"])
+    result = pipeline.ensure_composed(plan)
+    assert result.report["train"]["samples"] > 100 and result.report["val"]["samples"] > 5
+    assert pipeline.ensure_composed(plan).reused
+    assert pipeline.load_composed_tokenizer(plan).chat_template

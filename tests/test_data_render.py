@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from data_helpers import SHARED, encoder_for, mistral_tokenizer, needs_shared, qwen3_tokenizer, runs, word_tokenizer
 from impruver.data import formats as F

@@ -7,6 +7,7 @@ are set up once by ``init_worker`` (tokenizer loaded from the composed tokenizer
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ _STATE: dict[str, Any] = {}
 
 
 def init_worker(settings: dict[str, Any]) -> None:
-    """Load the tokenizer and template once per process."""
+    """Load the tokenizer and template once per process (a forked worker inherits the parent's)."""
+    if _STATE.get("settings") == settings:
+        return
     from transformers import AutoTokenizer
 
     from impruver.data.tokenizers import special_tokens_of
@@ -31,6 +34,9 @@ def init_worker(settings: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer_dir"])
     renderer = Renderer.from_template(tokenizer.chat_template, special_tokens_of(tokenizer))
     _STATE.update(settings=settings, encoder=Encoder(tokenizer, renderer), tokenizer=tokenizer)
+    # The heap already holds transformers (and perhaps torch): exempt it from garbage collection, so collections
+    # stay cheap and forked workers do not copy every page they would scan.
+    gc.freeze()
 
 
 def _format_func(name: str) -> Any:
