@@ -64,7 +64,8 @@ def write_card(plan: Plan, summary: dict[str, Any]) -> Path:
         lora = plan.method.lora
         method += f" (r={lora.r}, alpha={lora.alpha}, targets={lora.target_modules}"
         method += f", modules_to_save={lora.modules_to_save})" if lora.modules_to_save else ")"
-    sources = "\n".join(f"- `{s.path}` (format `{s.format}`{', loss on the whole text' if not s.only_target_loss else ''})"
+    sources = "\n".join(f"  - `{s.path}` (format `{s.format}`"
+                        f"{', loss on the whole text' if not s.only_target_loss else ', loss on the assistant turns'})"
                         for s in plan.sources.values())
     t = plan.train
     adapter = plan.method.builder in ("lora", "qlora")
@@ -83,9 +84,9 @@ Trained with impruver{f' (preset `{plan.preset}`)' if plan.preset else ''}.
 
 - **Model:** {model}, {weights}
 - **Method:** {method}
-- **Data:**
+- **Data:** {summary.get('train_samples', '?')} training and {summary.get('val_samples', 0)} validation samples from
 {sources}
-- **Training:** {summary.get('steps')} optimizer steps of {t.batch_size} x {summary.get('world_size', 1)} rows x {t.grad_accum} accumulation, {plan.seq_len} tokens per row ({'packed' if t.packing else 'padded'}), lr {t.lr} ({t.scheduler}, {t.warmup_steps} warmup), optimizer {t.optimizer}, precision {plan.hardware.mixed_precision}
+- **Training:** {summary.get('steps')} optimizer steps of {t.batch_size} x {summary.get('world_size', 1)} rows x {t.grad_accum} accumulation, {plan.seq_len} tokens per row ({'packed' if t.packing else 'padded'}), lr {t.lr} ({t.scheduler}, {t.warmup_steps} warmup), optimizer {t.optimizer}, mixed precision {plan.hardware.mixed_precision}
 - **Tokens trained on:** {summary.get('tokens', 0):,}
 - **Final train loss:** {_fmt(summary.get('train_loss'))}; **eval loss:** {_fmt(summary.get('eval_loss'))}{f" (best at step {summary['best_step']})" if summary.get('best_step') else ''}
 

@@ -263,7 +263,8 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     train_loss = _last_train_loss(plan.output_dir) if main else None
     summary = {"output_dir": plan.output_dir, "steps": state.step, "train_loss": train_loss,
                "eval_loss": result_eval, "best_step": best_step if result_eval is not None else None,
-               "tokens": state.tokens, "world_size": world, "elapsed_s": round(state.elapsed_s, 2),
+               "tokens": state.tokens, "world_size": world, "train_samples": len(train_samples),
+               "val_samples": len(val_samples) if has_val else 0, "elapsed_s": round(state.elapsed_s, 2),
                "tokens_per_s": round((state.tokens - tokens_at_start) / max(state.elapsed_s, 1e-9), 1)}
     if config is not None:
         config.pad_token_id = saved_pad_id
