@@ -71,7 +71,7 @@ def test_compose_writes_samples_report_and_tokenizer(tmp_path, capsys):
     report = json.loads(result.report_path.read_text())
     assert report["sources"]["chats"] == {
         "loaded": 60, "converted": 60, "invalid": {}, "skipped": {}, "too_long": 0, "no_trainable": 0,
-        "duplicates": 0, "near_duplicates": 0, "kept": 60, "train_samples": 54, "val_samples": 6}
+        "duplicates": 0, "near_duplicates": 0, "kept": 60, "weighted_out": 0, "train_samples": 54, "val_samples": 6}
     assert 0 < report["train"]["trainable_fraction"] < 1 and report["fingerprint"] == result.fingerprint
     tok = pipeline.load_composed_tokenizer(plan)
     assert tok.chat_template and tok.eos_token == "</s>" and tok.pad_token == "<pad>"
@@ -141,13 +141,16 @@ def test_split_by_seed_weights_limit_fraction_slice(tmp_path):
     assert len(lines(two.val_path)) == 5 and two.val_path.read_bytes() != val_one
     sources = {"heavy": {"path": path, "format": "openai", "weight": 2.0, "split": "train[:10]"},
                "light": {"path": path, "format": "openai", "split": "train[50%:]", "limit": 8},
-               "some": {"path": path, "format": "openai", "fraction": 0.5, "split": "train[10:20]"}}
+               "some": {"path": path, "format": "openai", "fraction": 0.5, "split": "train[10:20]"},
+               "half": {"path": path, "format": "openai", "weight": 0.5, "split": "train[20:40]"}}
     result = pipeline.compose(demo_plan(tmp_path, sources, val_size=0, dedup=DedupSpec(exact=False, near=False)))
     report = json.loads(result.report_path.read_text())["sources"]
     assert report["heavy"]["loaded"] == 10 and report["heavy"]["train_samples"] == 20
     assert report["light"]["loaded"] == 8
     assert 0 < report["some"]["loaded"] < 10
-    assert len(lines(result.train_path)) == 20 + 8 + report["some"]["loaded"]
+    half = report["half"]
+    assert half["loaded"] == 20 and 0 < half["train_samples"] < 20 and half["train_samples"] + half["weighted_out"] == 20
+    assert len(lines(result.train_path)) == 20 + 8 + report["some"]["loaded"] + half["train_samples"]
 
 
 BAD = {

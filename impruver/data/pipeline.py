@@ -347,7 +347,7 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
     # one more with probability frac(w), drawn per unit from the seed.
     repeats = (np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
     repeats[~candidates | val] = 0
-    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val, "repeats": repeats}
+    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val, "repeats": repeats, "candidates": candidates}
 
 
 def _val_count(spec: Any, kept: int) -> int:
@@ -404,6 +404,7 @@ def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], d
             "duplicates": int((decisions["exact_dup"] & mine).sum() + (decisions["near_dup"] & mine).sum()),
             "near_duplicates": int((decisions["near_dup"] & mine).sum()),
             "kept": int(((decisions["repeats"] > 0) | decisions["val"])[mine].sum()),
+            "weighted_out": int((decisions["candidates"] & ~decisions["val"] & (decisions["repeats"] == 0))[mine].sum()),
             "train_samples": int((decisions["repeats"] * collected["per_unit"])[mine].sum()),
             "val_samples": int((decisions["val"] * collected["per_unit"])[mine].sum()),
         }

@@ -229,14 +229,16 @@ def masked_labels(encoding: Any, spans: list[tuple[int, int]]) -> tuple[list[int
     the number trained. Token ranges come from the encoding's character-to-token map (no offset lists built)."""
     ids = encoding.ids
     labels = [IGNORE_INDEX] * len(ids)
-    trained = 0
-    for start, end in spans:
+    trained, previous = 0, -1
+    for start, end in spans:  # in text order, not overlapping: token ranges can share at most an edge token
         first = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
         last = next((t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None), None)
         if first is None or last is None:
             continue  # nothing of the span became a token
+        first = max(first, previous + 1)
         labels[first:last + 1] = ids[first:last + 1]
-        trained += last + 1 - first
+        trained += max(0, last + 1 - first)
+        previous = max(previous, last)
     return labels, trained
 
 
