@@ -134,3 +134,14 @@ def test_command_on_a_missing_model_exits_2_with_a_message_and_no_traceback(tmp_
         assert done.returncode == 2, done.stderr
         assert f"{tmp_path} has no model to chat with" in done.stderr
         assert "impruver train" in done.stderr and "Traceback" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize(("stage", "flag", "message"), [
+    ("serve", "--prompt=hi", "`impruver serve` takes no --prompt"),
+    ("chat", "--force", "`impruver chat` takes no --force; its only flag is --prompt"),
+])
+def test_flags_of_other_stages_are_refused_clearly(chat_dirs: dict[str, Path], stage: str, flag: str,
+                                                   message: str) -> None:
+    done = subprocess.run(impruver_cmd(stage, f"output_dir={chat_dirs['full']}", flag), cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr

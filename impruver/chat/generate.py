@@ -13,9 +13,12 @@ import queue
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from impruver.errors import RunError
+
+if TYPE_CHECKING:
+    from impruver.plan import ChatSpec
 
 Message = dict[str, Any]  # {"role": ..., "content": ...}
 
@@ -26,7 +29,7 @@ RESPONSE_ROLE = "function_response"
 _ROLE_PREFIX = re.compile(rf"^\s*{CALL_ROLE}\s*\n")
 
 
-def generation_kwargs(chat: Any, *, max_new_tokens: int | None = None, temperature: float | None = None,
+def generation_kwargs(chat: ChatSpec, *, max_new_tokens: int | None = None, temperature: float | None = None,
                       top_p: float | None = None) -> dict[str, Any]:
     """Keyword arguments of ``model.generate`` from ``plan.chat`` (a server request may override some).
 

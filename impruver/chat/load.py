@@ -12,12 +12,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from impruver.errors import RunError
 from impruver.hub import hub_unreachable, is_local, offline
+
+if TYPE_CHECKING:
+    from impruver.plan import ChatSpec, Plan
 
 Kind = Literal["full", "merged", "adapter"]
 
@@ -241,7 +244,7 @@ def _train_hint(folder: Path) -> str:
 # -- loading (torch) -------------------------------------------------------------------------------------------
 
 
-def load(plan: Any) -> Loaded:
+def load(plan: Plan) -> Loaded:
     """Load the model and tokenizer that ``plan.output_dir`` holds, ready for generation.
 
     Args:
@@ -261,7 +264,7 @@ def load(plan: Any) -> Loaded:
     return Loaded(model=model, tokenizer=tokenizer, found=found, context_length=context, name=name)
 
 
-def load_tokenizer(found: Found, plan: Any) -> Any:
+def load_tokenizer(found: Found, plan: Plan) -> Any:
     """The tokenizer saved with the model (the adapter's base as a fallback), with a chat template."""
     from transformers import AutoTokenizer
 
@@ -281,7 +284,7 @@ def load_tokenizer(found: Found, plan: Any) -> Any:
     return tokenizer
 
 
-def _configured_template(plan: Any, folder: Path) -> str:
+def _configured_template(plan: Plan, folder: Path) -> str:
     """The plan's tokenizer.chat_template (inline Jinja, a .jinja file or a registered name) for a bare tokenizer."""
     value = plan.tokenizer.chat_template
     source = ""
@@ -302,7 +305,7 @@ def _configured_template(plan: Any, folder: Path) -> str:
     return source
 
 
-def load_model(found: Found, plan: Any) -> Any:
+def load_model(found: Found, plan: Plan) -> Any:
     """The full or merged model, or the base with the adapter applied, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -336,7 +339,7 @@ def _dtype(name: str, device: str) -> Any:
     return {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def chat_settings(chat: Any, context: int) -> Any:
+def chat_settings(chat: ChatSpec, context: int) -> ChatSpec:
     """``plan.chat``, with replies capped at half the context when max_new_tokens would leave no room for a prompt.
 
     The default (256 new tokens) is the whole context of small models such as the demo's (256 positions).
@@ -351,7 +354,7 @@ def chat_settings(chat: Any, context: int) -> Any:
     return chat.model_copy(update={"max_new_tokens": capped})
 
 
-def context_length(model: Any, plan: Any) -> int:
+def context_length(model: Any, plan: Plan) -> int:
     """Tokens the model attends to: its config's position limit, else the plan's context length."""
     config = model.config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -16,11 +16,14 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from impruver.chat.generate import (CALL_ROLE, RESPONSE_ROLE, Generation, Message, fit, generation_kwargs,
                                     parse_function_call)
 from impruver.errors import ImpruverError, RunError
+
+if TYPE_CHECKING:
+    from impruver.plan import ChatSpec, Plan
 
 HELP = """commands:
   /system TEXT   set the system prompt (and start over); /system alone shows it, /system - removes it
@@ -38,7 +41,7 @@ class Session:
     """A conversation with one loaded model: its history (impruver's roles) and system prompt."""
 
     loaded: Any
-    chat: Any  # plan.chat
+    chat: ChatSpec  # plan.chat (replies capped to the context: see chat_settings)
     system: str | None = None
     messages: list[Message] = field(default_factory=list)  # user / assistant / function turns, no system
 
@@ -82,18 +85,22 @@ class Session:
 # -- the stage -------------------------------------------------------------------------------------------------
 
 
-def run(plan: Any, *, prompt: str | None = None) -> int:
+def run(plan: Plan, *, prompt: str | None = None, **flags: Any) -> int:
     """`impruver chat`: load ``plan.output_dir`` and talk to it.
 
     Args:
         plan: the validated plan; ``plan.chat`` holds the generation settings.
         prompt: one message to answer (``--prompt``); the reply is printed and the command ends.
+        flags: command-line flags of other stages (--force...), refused with a clear message.
 
     Returns:
         0 (problems raise :class:`~impruver.errors.RunError`, exit status 2).
     """
     from impruver.chat.load import locate, quiet_libraries, seed
 
+    if flags:
+        raise RunError(f"`impruver chat` takes no {', '.join('--' + f for f in flags)}; its only flag is --prompt "
+                       f"(generation settings are chat.* overrides)")
     locate(plan.output_dir, model_path=plan.model.path)  # a missing model fails before torch is imported
     quiet_libraries()
     try:

@@ -19,12 +19,15 @@ import time
 import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from impruver.chat.generate import (CALL_ROLE, RESPONSE_ROLE, Generation, generation_kwargs, parse_function_call,
                                     render)
 from impruver.errors import ImpruverError, RunError
 from impruver.ui import console, log
+
+if TYPE_CHECKING:
+    from impruver.plan import ChatSpec, Plan
 
 MAX_BODY_BYTES = 8 * 2**20
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -86,7 +89,7 @@ def parse_request(body: Any) -> Request:
         top_p=_number(body, "top_p", float, 0, 1),
         seed=_number(body, "seed", int),
         stop=stops,
-        tools=[t.get("function", t) for t in tools if isinstance(t, dict)] if tools else None,
+        tools=tools or None,  # as given: templates that read `tools` expect OpenAI's {type, function} objects
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
     )
 
@@ -150,7 +153,7 @@ def _number(body: dict[str, Any], key: str, kind: type, low: float | None = None
 class Model:
     """The loaded model, its settings and a lock: one generation at a time."""
 
-    def __init__(self, loaded: Any, chat: Any) -> None:
+    def __init__(self, loaded: Any, chat: ChatSpec) -> None:
         self.loaded = loaded
         self.chat = chat
         self.lock = threading.Lock()
@@ -365,7 +368,7 @@ def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "impruver"}
 
 
-def make_server(loaded: Any, chat: Any, *, host: str, port: int) -> ThreadingHTTPServer:
+def make_server(loaded: Any, chat: ChatSpec, *, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server for ``loaded`` on ``host:port`` (port 0: a free one; see ``server.server_address``)."""
     handler = type("BoundHandler", (Handler,), {"model": Model(loaded, chat)})
     server = ThreadingHTTPServer((host, port), handler)
@@ -376,17 +379,21 @@ def make_server(loaded: Any, chat: Any, *, host: str, port: int) -> ThreadingHTT
 # -- the stage -------------------------------------------------------------------------------------------------
 
 
-def run(plan: Any) -> int:
+def run(plan: Plan, **flags: Any) -> int:
     """`impruver serve`: load ``plan.output_dir`` and answer OpenAI-style requests until Ctrl+C.
 
     Args:
         plan: the validated plan; ``plan.chat`` gives the host, port and default generation settings.
+        flags: command-line flags of other stages (--prompt...), refused with a clear message.
 
     Returns:
         0 after Ctrl+C (problems raise :class:`~impruver.errors.RunError`, exit status 2).
     """
     from impruver.chat.load import chat_settings, load, locate, quiet_libraries, seed
 
+    if flags:
+        raise RunError(f"`impruver serve` takes no {', '.join('--' + f for f in flags)}; it is configured with "
+                       f"chat.host=, chat.port= and the other chat.* settings")
     locate(plan.output_dir, model_path=plan.model.path)  # fail before importing torch
     quiet_libraries()
     loaded = load(plan)
