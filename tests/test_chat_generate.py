@@ -117,3 +117,16 @@ def test_render_maps_function_turns_and_tools_onto_the_template_as_training_does
     assert rendered.startswith("<s>system\nYou can call these functions (JSON schemas):\n"
                                '{"name": "get_weather", "parameters": {"type": "object"}}</s>\n<s>user\n')
     assert render(tok, turns[:1]) == tok.apply_chat_template(turns[:1], add_generation_prompt=True)["input_ids"]
+
+
+def test_the_templates_end_of_turn_ends_a_reply_when_it_is_not_eos() -> None:
+    from impruver.chat.generate import _end_of_turn_text, eos_ids
+    from impruver.data.templates import CHATML
+
+    tok = build_tokenizer()
+    assert eos_ids(None, tok) == [tok.eos_token_id] and _end_of_turn_text(tok) == []  # saiga-style: </s> is EOS
+    tok.chat_template = CHATML
+    assert eos_ids(None, tok) == [tok.eos_token_id] and _end_of_turn_text(tok) == ["<|im_end|>"]  # plain text
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert eos_ids(None, tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    assert _end_of_turn_text(tok) == []

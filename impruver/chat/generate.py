@@ -56,7 +56,7 @@ def render(tokenizer: Any, messages: Sequence[Message], *, tools: list[Any] | No
     roles gets a call as an assistant turn and a result as a user turn (or OpenAI ``tool_calls`` / ``tool``
     turns where it knows those), and one that never reads ``tools`` finds the schemas in its system turn.
     """
-    renderer = _renderer(tokenizer.chat_template, tuple(sorted(_special_tokens(tokenizer).items())))
+    renderer = renderer_for(tokenizer)
     try:
         turns, _, tools = renderer.template_messages({"messages": list(messages), "tools": tools})
         text = renderer.render(turns, tools, add_generation_prompt=True)
@@ -64,6 +64,11 @@ def render(tokenizer: Any, messages: Sequence[Message], *, tools: list[Any] | No
         raise RunError(f"the chat template cannot render this conversation: {type(exc).__name__}: {exc}") from None
     # Tokenized as the training data was: the rendered text at once, the template writing any BOS itself.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def renderer_for(tokenizer: Any) -> Any:
+    """The data pipeline's Renderer for this tokenizer's chat template (cached)."""
+    return _renderer(tokenizer.chat_template, tuple(sorted(_special_tokens(tokenizer).items())))
 
 
 @functools.lru_cache(maxsize=8)
@@ -205,7 +210,8 @@ class Generation:
         self.tokenizer = tokenizer
         self.prompt_tokens = len(input_ids)
         self.max_new_tokens = kwargs["max_new_tokens"]
-        self.stop_strings = [s for s in (stop_strings or []) if s]
+        # A template's end-of-turn marker that is not one token (ChatML's <|im_end|> in a plain BPE) ends a reply too.
+        self.stop_strings = [s for s in (stop_strings or []) + _end_of_turn_text(tokenizer) if s]
         self._stop = threading.Event()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._streamer = _DeltaStreamer(tokenizer, self._queue)
@@ -291,9 +297,33 @@ class Generation:
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Token ids that end a reply: the tokenizer's end of turn and any the model's generation config names."""
-    found = [tokenizer.eos_token_id]
+    """Token ids that end a reply: the tokenizer's EOS, the template's end-of-turn token (ChatML's <|im_end|>
+    where EOS is another token) and any the model's generation config names."""
+    found = [tokenizer.eos_token_id, _end_of_turn_id(tokenizer)]
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     found += configured if isinstance(configured, list) else [configured]
     vocab = len(tokenizer)
     return list(dict.fromkeys(i for i in found if isinstance(i, int) and 0 <= i < max(vocab, 1)))
+
+
+def _end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
+    """The marker the template closes an assistant turn with, and its token ids ('', [] when unknown)."""
+    if not tokenizer.chat_template:
+        return "", []
+    try:
+        marker = renderer_for(tokenizer).end_marker
+    except Exception:  # a template the probe cannot render: EOS alone ends replies
+        return "", []
+    return marker, tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """The end-of-turn marker's id, when it is one token."""
+    _, ids = _end_of_turn(tokenizer)
+    return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
+
+
+def _end_of_turn_text(tokenizer: Any) -> list[str]:
+    """The end-of-turn marker as a stop string, when it takes several tokens."""
+    marker, ids = _end_of_turn(tokenizer)
+    return [marker] if len(ids) > 1 else []
