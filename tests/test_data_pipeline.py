@@ -319,3 +319,25 @@ def test_the_demo_preset_composes(tmp_path):
     assert result.report["train"]["samples"] > 100 and result.report["val"]["samples"] > 5
     assert pipeline.ensure_composed(plan).reused
     assert pipeline.load_composed_tokenizer(plan).chat_template
+
+
+def test_hub_sources_go_through_datasets_load_dataset(tmp_path, monkeypatch):
+    """The Hub path (network replaced by an in-memory dataset): split passed on, no remote code, struct of lists."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        rows = [{"role": ["user", "bot"], "content": [f"вопрос {i} {WORDS[i]}", f"ответ {i} {WORDS[-i]}"]}
+                for i in range(12)]
+        return datasets.Dataset.from_dict({"messages": rows}).select(range(5))
+
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    sources = {"saiga": {"path": "IlyaGusev/ru_turbo_saiga", "format": "saiga", "split": "train[:5]"}}
+    result = pipeline.compose(demo_plan(tmp_path, sources, val_size=1))
+    assert calls and all(c == ("IlyaGusev/ru_turbo_saiga", None, {"split": "train[:5]", "revision": None})
+                         for c in calls)
+    assert json.loads(result.report_path.read_text())["sources"]["saiga"]["loaded"] == 5

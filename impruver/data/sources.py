@@ -75,11 +75,11 @@ def iter_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
     root = resolve_path(spec.path, key)
     split_name, start, stop = parse_split(spec.split, f"dataset.sources.{name}.split")
     if root is None:
-        items = _hub_items(spec, key)
+        items = _hub_items(spec, key)  # datasets slices `train[:1000]` itself
     else:
         files = local_files(root, key)
         items = _local_items(files, key)
-    if start or stop:
+    if root is not None and (start or stop):
         total = _count(spec, root, key) if any(v and v.endswith("%") for v in (start, stop)) else None
         items = _sliced(items, _bound(start, total, 0), _bound(stop, total, None))
     return _sampled(items, spec, name, seed)
