@@ -143,6 +143,8 @@ def raw_request(url: str, method: str, path: str, body: bytes | None = None,
      "messages"),
     ("POST", "/v1/completions", b'{"prompt": "hi"}', 404, None),
     ("GET", "/v2/nothing", None, 404, None),
+    ("GET", "/v1/chat/completions", None, 405, None),
+    ("DELETE", "/v1/models", None, 405, None),
 ])
 def test_malformed_requests_get_4xx_json_errors(full_server: tuple[str, Any], method: str, path: str,
                                                 body: bytes | None, status: int, param: str | None) -> None:
@@ -151,6 +153,18 @@ def test_malformed_requests_get_4xx_json_errors(full_server: tuple[str, Any], me
     assert got == status
     assert set(answer) == {"error"} and answer["error"]["type"] == "invalid_request_error"
     assert answer["error"]["message"] and answer["error"]["param"] == param
+
+
+def test_a_conversation_the_template_refuses_is_a_400(chat_dirs: dict[str, Path]) -> None:
+    plan = chat_plan(chat_dirs["full"])
+    loaded = load(plan)
+    loaded.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                                      "{{ m['content'] }}{% endfor %}")
+    with serving(loaded, plan.chat) as url:
+        body = json.dumps({"messages": [{"role": "system", "content": "x"}, *HELLO]}).encode()
+        status, answer = raw_request(url, "POST", "/v1/chat/completions", body)
+    assert status == 400 and "System role not supported" in answer["error"]["message"]
 
 
 def test_openai_client_sees_bad_requests_and_the_server_keeps_going(full_server: tuple[str, Any]) -> None:

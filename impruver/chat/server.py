@@ -186,7 +186,10 @@ class Model:
         """Render the prompt, check it fits, and start generating (the caller holds ``lock``)."""
         import torch
 
-        ids = render(self.loaded.tokenizer, self.conversation(request), tools=request.tools)
+        try:
+            ids = render(self.loaded.tokenizer, self.conversation(request), tools=request.tools)
+        except RunError as exc:  # the model's chat template refuses this conversation (a role, an order...)
+            raise BadRequest(str(exc), param="messages") from None
         room = self.loaded.context_length - len(ids)
         wanted = request.max_tokens or self.chat.max_new_tokens
         if room < 1 or (request.max_tokens and request.max_tokens > room):
@@ -243,6 +246,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._guard(self._post)
 
+    def _not_allowed(self) -> None:
+        raise BadRequest(f"{self.command} is not supported; routes: GET /v1/models, POST /v1/chat/completions",
+                         status=405, code="method_not_allowed")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._guard(self._not_allowed)
+
+    do_DELETE = do_PATCH = do_PUT  # noqa: N815
+
     def _guard(self, handler: Any) -> None:
         """Every failure becomes a JSON error; nothing escapes to the server thread."""
         try:
@@ -267,6 +279,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, _model_card(name))
         elif path in ("", "/health"):
             self._json(200, {"status": "ok", "model": name})
+        elif path == "/v1/chat/completions":
+            self._not_allowed()
         else:
             raise BadRequest(f"no route GET {self.path}; routes: GET /v1/models, POST /v1/chat/completions",
                              status=404, code="not_found")
