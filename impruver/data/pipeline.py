@@ -163,6 +163,9 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
         shutil.rmtree(work, ignore_errors=True)
     result = _result(paths, digest, report, reused=False)
     result.seconds = clock.seconds
+    log.info("composed %d train / %d val samples (%d / %d tokens) in %.1f s: %s", report["train"]["samples"],
+             report["val"]["samples"], report["train"]["tokens"], report["val"]["tokens"],
+             sum(clock.seconds.values()), paths["data"])
     return result
 
 
@@ -247,7 +250,7 @@ def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[st
     collected = _Collector(list(plan.sources), work, settings["dedup"]["num_perm"])
     tasks = _tasks(plan, work)
     head = [t for _, t in zip(range(2), tasks)]
-    processes = plan.dataset.num_proc or len(os.sched_getaffinity(0))
+    processes = plan.dataset.num_proc or _cores()
     convert.init_worker(settings)  # here first: forked workers inherit the loaded tokenizer and imports
     if processes < 2 or len(head) < 2:
         for task in [*head, *tasks]:
@@ -255,6 +258,13 @@ def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[st
     else:
         _run_pool(settings, [*head], tasks, processes, collected)
     return collected.finish()
+
+
+def _cores() -> int:
+    """CPU cores this process may use (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], processes: int,
