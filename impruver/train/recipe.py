@@ -187,6 +187,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     window_loss = torch.zeros((), device=accelerator.device)
     window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
     last_eval: float | None = None
+    last_eval_step = -1
     with progress() as bar:
         task = bar.add_task("training", total=total_steps, completed=state.step, info="")
         while state.step < total_steps:
@@ -222,10 +223,11 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                 now = time.perf_counter()
                 speed = window_tokens / max(now - window_start, 1e-9)
                 eta = (now - started) / max(state.step - start_step, 1) * (total_steps - state.step)
-                record = {"event": "train", "step": state.step, "epoch": round(state.step * accum /
-                          batches.per_epoch, 4),
-                          "loss": float(accelerator.reduce(window_loss, "sum")) / max(window_targets, 1), "lr": lr,
-                          "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": state.tokens, "tokens_per_s": speed,
+                record = {"event": "train", "step": state.step,
+                          "epoch": round(state.step * accum / batches.per_epoch, 4),
+                          "loss": float(accelerator.reduce(window_loss, "sum")) / max(window_targets, 1),
+                          "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "tokens": state.tokens, "tokens_per_s": speed,
                           "elapsed_s": state.elapsed_s + now - started, "eta_s": eta, "world_size": world}
                 writer.write(record)
                 bar.update(task, completed=state.step, info=f"loss {record['loss']:.4f} lr {lr:.2e} "
@@ -238,18 +240,20 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
             eval_now = has_val and train_spec.eval_steps and state.step % train_spec.eval_steps == 0
             save_now = train_spec.save_steps and state.step % train_spec.save_steps == 0 and state.step < total_steps
             if eval_now or save_now:
-                last_eval = evaluate()
+                last_eval, last_eval_step = evaluate(), state.step
                 if last_eval is not None:
                     writer.write({"event": "eval", "step": state.step, "eval_loss": last_eval})
-                    log.info("step %d: eval loss %.4f", state.step, last_eval) if main else None
+                    if main:
+                        log.info("step %d: eval loss %.4f", state.step, last_eval)
                 state.history.append({"step": state.step, "eval_loss": last_eval})
             if save_now:
                 save_checkpoint(last_eval)
 
     # 8. The end: a final evaluation, the best checkpoint's weights if they beat the last ones, then save.
-    state.elapsed_s += time.perf_counter() - started
-    final_eval = evaluate()
-    if final_eval is not None:
+    this_run_s = time.perf_counter() - started
+    state.elapsed_s += this_run_s
+    final_eval = last_eval if last_eval_step == state.step else evaluate()
+    if final_eval is not None and last_eval_step != state.step:
         writer.write({"event": "eval", "step": state.step, "eval_loss": final_eval})
     best_step, result_eval = state.step, final_eval
     if (train_spec.load_best_at_end and final_eval is not None and state.best_eval_loss is not None
@@ -265,7 +269,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                "eval_loss": result_eval, "best_step": best_step if result_eval is not None else None,
                "tokens": state.tokens, "world_size": world, "train_samples": len(train_samples),
                "val_samples": len(val_samples) if has_val else 0, "elapsed_s": round(state.elapsed_s, 2),
-               "tokens_per_s": round((state.tokens - tokens_at_start) / max(state.elapsed_s, 1e-9), 1)}
+               "tokens_per_s": round((state.tokens - tokens_at_start) / max(this_run_s, 1e-9), 1)}
     if config is not None:
         config.pad_token_id = saved_pad_id
     if main:
