@@ -70,10 +70,11 @@ def shingles(text: str, size: int) -> np.ndarray:
     word_bytes = data[inside].astype(np.uint64)
     if len(word_bytes) == 0:
         return np.zeros(1, dtype=np.uint64)
-    begins = inside & ~np.r_[False, inside[:-1]]  # first byte of each word
-    word_id = np.cumsum(begins)[inside] - 1  # for each word byte, its word
-    starts = np.flatnonzero(np.r_[True, word_id[1:] != word_id[:-1]])
-    position = np.arange(len(word_bytes)) - np.repeat(starts, np.diff(np.r_[starts, len(word_bytes)]))
+    begins = inside.copy()
+    begins[1:] &= ~inside[:-1]  # the first byte of each word
+    starts = np.flatnonzero(begins[inside])  # where each word starts among the word bytes
+    lengths = np.diff(starts, append=len(word_bytes))
+    position = np.arange(len(word_bytes)) - np.repeat(starts, lengths)  # byte's place in its word
     word_hash = _mix(np.add.reduceat(word_bytes * _powers(len(word_bytes))[position], starts))
     count = len(word_hash)
     span = min(size, count)
