@@ -207,6 +207,9 @@ def test_too_long_are_counted(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [chat(i) for i in range(10)] + [long])
     result = pipeline.compose(demo_plan(tmp_path, {"c": {"path": str(path), "format": "openai"}}))
     assert json.loads(result.report_path.read_text())["sources"]["c"]["too_long"] == 1
+    only_long = write_jsonl(tmp_path / "long.jsonl", [long])
+    with pytest.raises(DataError, match=r"no training sample is left.*1 too long \(max_tokens 256\)"):
+        pipeline.compose(demo_plan(tmp_path, {"c": {"path": str(only_long), "format": "openai"}}))
 
 
 # -- the shipped dataset options, their Hub sources swapped for local files of the same shapes ----------------------

@@ -30,7 +30,7 @@ import xxhash
 from impruver.data import convert, dedup
 from impruver.data.render import IGNORE_INDEX, SourceOptions
 from impruver.data.sources import fingerprint_source, iter_items
-from impruver.errors import RunError
+from impruver.errors import DataError, RunError
 from impruver.ui import console, log
 
 DATA_VERSION = 1  # bump when the same inputs would give different outputs
@@ -158,6 +158,11 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
         decisions = clock("dedup_split", _decide, plan, collected)
         stats = clock("write", _write_outputs, collected, decisions, work)
         report = _report(plan, digest, tokenizer, collected, decisions, stats)
+        if not report["train"]["samples"]:
+            raise DataError("no training sample is left after composition: " + "; ".join(
+                f"{name}: {row['loaded']} loaded, {sum(row['invalid'].values())} invalid, "
+                f"{sum(row['skipped'].values())} skipped, {row['too_long']} too long (max_tokens {plan.max_tokens}), "
+                f"{row['duplicates']} duplicates" for name, row in report["sources"].items()))
         clock("publish", _publish, paths, work, report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
