@@ -208,6 +208,8 @@ def test_terminal_repl_streams_resets_survives_ctrl_c_and_exits_on_ctrl_d(chat_d
         history = term.expect("you> ")
         assert "[user] Как дела?" in history and "[assistant] " in history and "[user] Ещё" in history
         assert history.index("[user] Как дела?") < history.index("[assistant] ") < history.index("[user] Ещё")
+        term.send("\x1b[A\r")  # up arrow: readline brings back the last line (/history), Enter runs it again
+        assert "[user] Ещё" in term.expect("you> ")
 
         term.send("\x04")  # Ctrl+D at the prompt
         status = term.wait()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -275,7 +274,15 @@ def _wait_for_line(process: subprocess.Popen[str], text: str, timeout: float) ->
     return "".join(found)
 
 
-def test_server_binds_to_localhost_by_default(chat_dirs: dict[str, Path]) -> None:
-    plan = chat_plan(chat_dirs["full"])
-    assert plan.chat.host == "127.0.0.1"
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+def test_a_port_in_use_is_a_clear_error(chat_dirs: dict[str, Path]) -> None:
+    from impruver.chat.server import run
+    from impruver.errors import RunError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        plan = chat_plan(chat_dirs["full"], f"chat.port={port}")
+        assert plan.chat.host == "127.0.0.1"  # localhost unless the config says otherwise
+        with pytest.raises(RunError, match=rf"cannot listen on 127.0.0.1:{port}.*chat.port=N"):
+            run(plan)
