@@ -1,10 +1,12 @@
 """`impruver serve`: an OpenAI-compatible HTTP endpoint for the model a run trained (standard library only).
 
     impruver serve output_dir=outputs/demo chat.port=8000
-    curl http://127.0.0.1:8000/v1/chat/completions -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}'
+    curl http://127.0.0.1:8000/v1/chat/completions \
+        -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events, as OpenAI's
-API does). It binds to ``chat.host`` (127.0.0.1 unless the config says otherwise). Requests are answered one at a
+API does); any ``model`` name is accepted, since one model is served. It binds to ``chat.host`` (127.0.0.1 unless
+the config says otherwise). Requests are answered one at a
 time (one model, one generation); a bad request gets a 4xx JSON error in OpenAI's shape, never a crash. Function
 calling: ``tools`` are handed to the chat template, a reply that is a function call comes back as ``tool_calls``,
 and ``tool`` messages become function_response turns.
@@ -120,7 +122,8 @@ def _content(content: Any, i: int) -> str | None:
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+                raise BadRequest(f"messages[{i}].content: only text parts are supported",
+                                 param=f"messages[{i}].content")
             texts.append(part["text"])
         return "".join(texts)
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content")
