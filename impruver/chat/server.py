@@ -6,10 +6,10 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events, as OpenAI's
 API does); any ``model`` name is accepted, since one model is served. It binds to ``chat.host`` (127.0.0.1 unless
-the config says otherwise). Requests are answered one at a
-time (one model, one generation); a bad request gets a 4xx JSON error in OpenAI's shape, never a crash. Function
-calling: ``tools`` are handed to the chat template, a reply that is a function call comes back as ``tool_calls``,
-and ``tool`` messages become function_response turns.
+the config says otherwise). Requests are answered one at a time (one model, one generation); a bad request gets
+a 4xx JSON error in OpenAI's shape, never a crash. Function calling: ``tools`` reach the chat template as in
+training, a reply that is a function call comes back as ``tool_calls``, and ``tool`` messages become
+function_response turns.
 """
 
 from __future__ import annotations
