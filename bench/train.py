@@ -9,9 +9,9 @@ Both sides train the same model (random weights of the shape, same seed) on the 
 chats with chat-like lengths (median ~300 tokens), composed once by ``impruver compose`` (loss on the assistant
 turns only). Each side runs in its own process (so peak memory is its own):
 
-* ``impruver``: ``impruver.train.recipe.run`` on the plan, exactly as ``impruver train`` runs it: packed rows with
-  per-sample position ids, sdpa, and on a GPU bf16 autocast with fp32 master weights, fused AdamW and
-  ``torch.compile`` (``--no-compile`` to measure without);
+* ``impruver``: ``impruver.train.recipe.run`` on the plan with impruver's default training settings, exactly as
+  ``impruver train`` runs it: packed rows with per-sample position ids, sdpa, AdamW (fused on a GPU), and on a
+  GPU bf16 autocast with fp32 master weights and ``torch.compile`` (``--no-compile`` to measure without);
 * ``trainer``: ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding to the batch's longest
   sample), its default optimizer, bf16 on a GPU.
 
@@ -118,7 +118,7 @@ def make_plan(work: Path, args: argparse.Namespace, cuda: bool) -> Any:
         "hardware": {"name": "bench", "device": "cuda" if cuda else "cpu",
                      "mixed_precision": "bf16" if cuda else "no", "gpu_memory_gib": 200.0 if cuda else None},
         "train": {"batch_size": shape["rows"], "max_steps": steps, "lr": 1e-4, "warmup_steps": 0,
-                  "optimizer": "adamw_fused" if cuda else "adamw", "compile": cuda and not args.no_compile,
+                  "optimizer": "adamw", "compile": False if args.no_compile else "auto",
                   "packing": True, "eval_steps": None, "save_steps": None, "logging_steps": 1,
                   "load_best_at_end": False, "memory_check": False, "max_grad_norm": 1.0},
     }

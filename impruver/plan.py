@@ -206,7 +206,7 @@ class TrainSpec(Spec):
     gradient_checkpointing: bool = False
     packing: bool = True  # several samples per row, never attending to each other
     max_seq_len: int | None = Field(default=None, gt=0)  # row length; None: dataset.max_tokens or the context
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on a GPU, not on the CPU
     eval_steps: int | None = Field(default=100, gt=0)
     save_steps: int | None = Field(default=100, gt=0)
     save_total_limit: int = Field(default=2, ge=1)

@@ -28,10 +28,12 @@ def param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
 @optimizers("adamw")
 def adamw(*, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 0.0) -> Any:
-    """torch AdamW (multi-tensor 'foreach' kernels)."""
+    """torch AdamW: the fused kernel when every parameter is on a GPU, multi-tensor 'foreach' otherwise."""
     import torch
 
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    groups = list(params)
+    on_gpu = all(p.is_cuda for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=on_gpu or None)
 
 
 @optimizers("adamw_fused")

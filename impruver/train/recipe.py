@@ -132,16 +132,19 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
              "on %d process(es)", len(train_samples), len(batches.rows), seq_len,
              "packed" if train_spec.packing else "padded", batches.per_epoch, total_steps, world)
 
-    # 5. Optimizer and schedule (stepped by hand: the schedule counts optimizer steps across all ranks).
+    # 5. Optimizer and schedule (stepped by hand: the schedule counts optimizer steps across all ranks). The model
+    # is placed (and wrapped for DDP / FSDP) first, so the optimizer sees the parameters where they will live.
+    model = accelerator.prepare(model)
     optimizer = registry.lookup("optimizers", train_spec.optimizer)(
         params=param_groups(model, train_spec.weight_decay), lr=train_spec.lr, betas=tuple(train_spec.betas),
         eps=train_spec.eps, weight_decay=train_spec.weight_decay)
     scheduler = registry.lookup("schedulers", train_spec.scheduler)(
         optimizer=optimizer, num_training_steps=total_steps, warmup_steps=train_spec.warmup_steps,
         min_lr_ratio=train_spec.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer = accelerator.prepare(optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    forward_model = torch.compile(model) if train_spec.compile else model
+    compile_model = train_spec.compile if train_spec.compile != "auto" else accelerator.device.type == "cuda"
+    forward_model = torch.compile(model) if compile_model else model
 
     # 6. Resume: weights, optimizer, schedule and RNG from the last checkpoint; the data order follows the step.
     signature = {"seed": train_spec.seed, "batch_size": train_spec.batch_size, "grad_accum": accum,
