@@ -64,7 +64,7 @@ def test_missing_output_dir_names_it_and_the_command(tmp_path: Path) -> None:
         locate(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("case", ["empty", "plan_only", "running", "checkpoints", "truncated", "no_weights", "bin_only",
+@pytest.mark.parametrize("case", ["empty", "plan_only", "running", "checkpoints", "hf_checkpoints", "truncated", "no_weights", "bin_only",
                                   "missing_shard", "adapter_without_weights"])
 def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict[str, Path],
                                                       tmp_path: Path) -> None:
@@ -75,7 +75,10 @@ def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict
         "empty": "no model weights.*impruver train",
         "plan_only": "holds a plan.*no trained model yet.*impruver train",
         "running": r"training run seems to be in progress \(metrics.jsonl was written \d+ s ago\)",
-        "checkpoints": "checkpoint-10, checkpoint-20: training is still running.*train.resume=auto.*checkpoint-20",
+        "checkpoints": r"checkpoints \(step-00000010, step-00000020\): the training run stopped before the end. "
+                       r"Finish it with `impruver train output_dir=\S+ train.resume=auto`\.$",
+        "hf_checkpoints": r"checkpoint-10, checkpoint-20\).*train.resume=auto`, or chat with a checkpoint: "
+                          r"`impruver chat output_dir=\S+checkpoint-20`",
         "truncated": "model.safetensors is truncated.*still being written",
         "no_weights": "no model weights",
         "bin_only": "pytorch_model.bin.*safetensors",
@@ -86,9 +89,13 @@ def test_half_written_output_dir_says_what_is_missing(case: str, chat_dirs: dict
         shutil.copy(full / "plan.yaml", out)
     if case == "running":
         (out / "metrics.jsonl").write_text('{"step": 1, "loss": 7.7}\n')
-    if case == "checkpoints":
+    if case == "checkpoints":  # impruver's own: trainable weights and state, not standalone models
         for step in (10, 20):
-            (out / f"checkpoint-{step}").mkdir()
+            (out / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+            (out / "checkpoints" / f"step-{step:08d}" / "state.json").write_text("{}")
+    if case == "hf_checkpoints":
+        for step in (10, 20):
+            shutil.copytree(full, out / f"checkpoint-{step}")
     if case in ("truncated", "no_weights", "bin_only", "missing_shard"):
         shutil.copy(full / "config.json", out)
     if case == "truncated":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -206,23 +207,31 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _nothing_there(folder: Path) -> str:
-    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.is_dir()),
-                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     head = (f"{folder} has no model to chat with: no model weights (config.json + model.safetensors), no LoRA "
             f"adapter (adapter_config.json + adapter_model.safetensors) and no merged export.")
-    if checkpoints:
-        last = checkpoints[-1]
-        return (f"{head} It holds {', '.join(p.name for p in checkpoints)}: training is still running or stopped "
-                f"before the end. Wait for it to finish, resume it with `impruver train output_dir={folder} "
-                f"train.resume=auto`, or chat with a checkpoint: `impruver chat output_dir={last}`.")
     running = _recently_written(folder)
     if running:
-        return (f"{head} A training run seems to be in progress ({running}): chat when it has finished, or start "
-                f"one with `impruver train output_dir={folder}`.")
+        return (f"{head} A training run seems to be in progress ({running}); the model is saved when it ends: "
+                f"chat then.")
+    checkpoints = _checkpoints(folder)
+    if checkpoints:
+        names = ", ".join(p.name for p in checkpoints)
+        hint = f"`impruver train output_dir={folder} train.resume=auto`"
+        standalone = [p for p in checkpoints if (p / "config.json").is_file()]
+        also = f", or chat with a checkpoint: `impruver chat output_dir={standalone[-1]}`" if standalone else ""
+        return (f"{head} It holds checkpoints ({names}): the training run stopped before the end. "
+                f"Finish it with {hint}{also}.")
     if (folder / "plan.yaml").is_file() or (folder / "data").is_dir():
         return (f"{head} It holds a plan (or composed data) but no trained model yet: run "
                 f"`impruver train output_dir={folder}` and chat when it has finished.")
     return f"{head} {_train_hint(folder)}"
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """Training checkpoints, oldest first: impruver's checkpoints/step-N and Hugging Face's checkpoint-N."""
+    found = [p for p in (folder / "checkpoints").glob("step-*") if (p / "state.json").is_file()]
+    found += [p for p in folder.glob("checkpoint-*") if p.is_dir()]
+    return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or -1))
 
 
 def _recently_written(folder: Path, within_s: float = 600) -> str:
