@@ -72,10 +72,10 @@ class Session:
         if call is not None:
             content = json.dumps(call, ensure_ascii=False)
             self.messages.append({"role": CALL_ROLE, "content": content})
-        elif text:
-            self.messages.append({"role": "assistant", "content": text})
+        elif text or reply.finish_reason != "interrupted":
+            self.messages.append({"role": "assistant", "content": text})  # an empty reply is still an answer
         else:
-            self.messages.pop()  # nothing came back: forget the question too, so the next turn stays well formed
+            self.messages.pop()  # stopped before a word came: as if the question had not been sent
         return call
 
     def reset(self) -> None:
