@@ -103,3 +103,40 @@ def test_export_refuses_a_full_model(tmp_path: Path, use_files) -> None:
     run(plan)
     with pytest.raises(RunError, match="already standalone"):
         export.run(plan)
+
+
+def test_tokens_added_by_the_tokenizer_train_and_load_back_exactly(tmp_path: Path, use_files, monkeypatch) -> None:
+    """A tokenizer with more tokens than its base: the new rows train with the adapter and load back exactly."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    import impruver.train.outputs as outputs
+
+    out = prepare(tmp_path / "run")
+    base = _base_folder(tmp_path / "base", out / "tok", GPT2_ARCH)
+    bigger = AutoTokenizer.from_pretrained(base)
+    bigger.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
+    bigger.save_pretrained(tmp_path / "tok2")
+    captured = {}
+    real_save = outputs.save_model
+
+    def capture(model, tokenizer, plan, *, adapter):
+        captured["model"] = model
+        return real_save(model, tokenizer, plan, adapter=adapter)
+
+    monkeypatch.setattr(outputs, "save_model", capture)
+    new_ids = bigger.convert_tokens_to_ids(["<tool>", "</tool>"])
+    rows = [{"input_ids": [1, new_ids[0], 40, 41, new_ids[1], 2] * 3, "labels": [1, new_ids[0], 40, 41, new_ids[1], 2] * 3}
+            for _ in range(8)]
+    from test_train_support import write_jsonl
+
+    write_jsonl(out / "data" / "train.jsonl", rows)
+    plan = tiny_plan(out, method="lora", model={"builder": "hf", "path": str(base), "dtype": "float32"},
+                     train={"max_steps": 5, "lr": 5e-2}, tokenizer_path=str(tmp_path / "tok2"))
+    run(plan)
+    trained = captured["model"].eval()
+    assert any("trainable_tokens" in n for n, p in trained.named_parameters() if p.requires_grad)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, new_ids[0], 40, new_ids[1], 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained(ids).logits)

@@ -73,7 +73,11 @@ def lora_targets(lora: LoraSpec, model: Any) -> list[str] | str:
 
 
 def lora_config(lora: LoraSpec, model: Any) -> Any:
-    """A peft LoraConfig; GPT-2's Conv1D layers store weights transposed, hence fan_in_fan_out."""
+    """A peft LoraConfig; GPT-2's Conv1D layers store weights transposed, hence fan_in_fan_out.
+
+    Tokens the tokenizer added (rows the base does not have) train as peft trainable tokens, so the adapter saves
+    them and loads onto the base exactly, unless the whole embedding is already in modules_to_save.
+    """
     from peft import LoraConfig, TaskType
 
     config = getattr(model, "config", None)
@@ -85,8 +89,16 @@ def lora_config(lora: LoraSpec, model: Any) -> Any:
         task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=lora_targets(lora, model), modules_to_save=list(lora.modules_to_save) or None,
         use_dora=lora.use_dora, use_rslora=lora.use_rslora, bias=lora.bias, fan_in_fan_out=is_gpt2,
-        ensure_weight_tying=tied,
+        ensure_weight_tying=tied, trainable_token_indices=_new_tokens(lora, model),
     )
+
+
+def _new_tokens(lora: LoraSpec, model: Any) -> list[int] | None:
+    new = getattr(model, "impruver_new_token_ids", None)
+    if not new or set(lora.modules_to_save) & {"wte", "embed_tokens"}:
+        return None
+    log.info("LoRA: the %d tokens added to the tokenizer train as trainable embedding rows", len(new))
+    return list(new)
 
 
 def _wrap_lora(spec: MethodSpec, model: Any) -> Any:

@@ -100,6 +100,8 @@ def resize_to_tokenizer(model: Any, tokenizer: Any) -> bool:
         return False
     log.info("resizing the embeddings from %d to %d tokens (special tokens were added)", current, size)
     model.resize_token_embeddings(size)
+    # Adapter methods train (and save) these rows, which the frozen base does not have.
+    model.impruver_new_token_ids = list(range(current, size))
     return True
 
 
@@ -129,6 +131,9 @@ def hf(*, spec: ModelSpec, tokenizer: Any = None, load: LoadOptions | None = Non
     attn = attn_implementation(spec.attn_implementation, device=load.device, dtype=load.dtype)
     vocab = len(tokenizer) if tokenizer is not None else None
     if spec.weights == "random":
+        if load.quantization is not None:
+            log.warning("model.weights=random: the random base is built unquantized (bitsandbytes quantizes only "
+                        "weights loaded from a checkpoint); memory use is that of a 16-bit base")
         if spec.arch is not None:
             config = config_from_arch(spec.arch, vocab_size=vocab or spec.arch.vocab_size, tokenizer=tokenizer)
         else:
@@ -144,6 +149,7 @@ def hf(*, spec: ModelSpec, tokenizer: Any = None, load: LoadOptions | None = Non
                               "trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     if load.quantization is not None:
         kwargs["quantization_config"] = _quantization_config(load.quantization)
+        # bitsandbytes places the quantized weights on the GPU as they load (one device per process).
         kwargs["device_map"] = {"": 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
