@@ -172,10 +172,14 @@ def _function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for tools in (None, TOOLS):
         for turns, answer in exchanges:
             rows.append((render(tok, turns, tools=tools), tok(answer + "</s>", add_special_tokens=False)["input_ids"]))
-    batch = [(torch.tensor([p + a]), torch.tensor([[-100] * len(p) + a])) for p, a in rows]  # loss on the answer
+    width = max(len(p) + len(a) for p, a in rows)  # one right-padded batch; loss on the answers only
+    pad = [width - len(p) - len(a) for p, a in rows]
+    ids = torch.tensor([p + a + [tok.pad_token_id] * n for (p, a), n in zip(rows, pad)])
+    labels = torch.tensor([[-100] * len(p) + a + [-100] * n for (p, a), n in zip(rows, pad)])
+    mask = torch.tensor([[1] * (len(p) + len(a)) + [0] * n for (p, a), n in zip(rows, pad)])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for step in range(1, 301):  # about 20-40 steps are enough
-        loss = sum(model(ids, labels=labels).loss for ids, labels in batch)
+    for step in range(1, 301):  # about 30 steps are enough
+        loss = model(ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
