@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -172,6 +173,7 @@ def main() -> None:
         result["compose_near_off"]["records_per_s"] / result["bare_tokenizer"]["records_per_s"], 3)
     result["ratio_near_off_to_bare_cpu"] = round(
         result["bare_tokenizer"]["cpu_seconds"] / result["compose_near_off"]["cpu_seconds"], 3)
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
 
 

@@ -150,3 +150,22 @@ def test_mistral_zephyr_trains_exactly_the_assistant_turns(mistral_zephyr, path,
 def test_qwen3_trains_exactly_the_assistant_turns(qwen3, path, fmt):
     tok, encoder = qwen3
     check(tok, encoder, conversations(path, fmt), qwen3_expected, limit=300)
+
+
+@pytest.mark.parametrize("template", ["saiga", "chatml"])
+def test_builtin_generation_marks_agree_with_prefix_renderings(gpt2_saiga, template):
+    """impruver's own templates mark the trained turns; the generic method must find exactly the same spans."""
+    from impruver.data.render import Renderer
+    from impruver.data.templates import resolve_template
+
+    source = resolve_template(template)
+    marked = Renderer.from_template(source, {"bos_token": "<s>", "eos_token": "</s>"})
+    generic = Renderer.from_template(source, {"bos_token": "<s>", "eos_token": "</s>"})
+    assert marked.generation_marks
+    generic.generation_marks = False
+    checked = 0
+    for path, fmt in FILES:
+        for conversation in conversations(path, fmt)[:60]:
+            assert marked.text_and_spans(conversation) == generic.text_and_spans(conversation), conversation
+            checked += 1
+    assert checked > 800

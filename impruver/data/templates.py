@@ -23,11 +23,17 @@ from impruver.registry import templates
 # Saiga / rulm style for the rugpt3 and ruGPT-3.5 models (see rulm's saiga v2 prompt template): every turn is
 # `<s>{role}\n{content}</s>\n`, the assistant's role is written `bot`; tool calls and their results are turns of
 # their own (function_call / function_response). Generation starts after `<s>bot\n`.
+# The turns the model writes are marked with {% generation %}: one rendering gives the trained spans (the same
+# spans impruver finds from prefix renderings of unmarked templates; a test holds the two to agreement).
 SAIGA = (
     "{%- for message in messages %}"
     "{%- set role = 'bot' if message['role'] == 'assistant' else message['role'] %}"
     "{#- roles: system, user, assistant (bot), function_call, function_response #}"
-    "{{- bos_token + role + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{{- bos_token + role + '\\n' }}"
+    "{%- if message['role'] in ['assistant', 'function_call'] %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"
+    "{{- '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- bos_token + 'bot\\n' }}{%- endif %}"
 )
@@ -44,7 +50,11 @@ ZEPHYR = (
 CHATML = (
     "{%- for message in messages %}"
     "{#- roles: system, user, assistant, function_call, function_response #}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] in ['assistant', 'function_call'] %}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{- '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
