@@ -130,3 +130,12 @@ def test_the_templates_end_of_turn_ends_a_reply_when_it_is_not_eos() -> None:
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     assert eos_ids(None, tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     assert _end_of_turn_text(tok) == []
+
+
+def test_named_templates_pick_tool_use_for_requests_with_tools() -> None:
+    tok = build_tokenizer()
+    tool_use = "{% for m in messages %}[{{ m['role'] }}|{{ tools | length }}]{{ m['content'] }}{% endfor %}"
+    tok.chat_template = {"default": TEMPLATE, "tool_use": tool_use}
+    hello = [{"role": "user", "content": "hi"}]
+    assert tok.decode(render(tok, hello)) == "<s>user\nhi</s>\n<s>bot\n"
+    assert tok.decode(render(tok, hello, tools=[{"name": "f"}])) == "[user|1]hi"

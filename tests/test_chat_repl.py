@@ -211,6 +211,14 @@ def test_terminal_repl_streams_resets_survives_ctrl_c_and_exits_on_ctrl_d(chat_d
         term.send("\x1b[A\r")  # up arrow: readline brings back the last line (/history), Enter runs it again
         assert "[user] Ещё" in term.expect("you> ")
 
+        term.send("/system Раз\\\r")  # a backslash at the end continues the message on the next line
+        term.expect("...> ")
+        term.send("два\r")
+        term.expect("(system prompt set; conversation cleared)")
+        term.expect("you> ")
+        term.send("/system\r")
+        assert "system prompt: 'Раз\\nдва'" in term.expect("you> ")
+
         term.send("\x04")  # Ctrl+D at the prompt
         status = term.wait()
     finally:

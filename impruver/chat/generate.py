@@ -56,7 +56,7 @@ def render(tokenizer: Any, messages: Sequence[Message], *, tools: list[Any] | No
     roles gets a call as an assistant turn and a result as a user turn (or OpenAI ``tool_calls`` / ``tool``
     turns where it knows those), and one that never reads ``tools`` finds the schemas in its system turn.
     """
-    renderer = renderer_for(tokenizer)
+    renderer = renderer_for(tokenizer, tools=bool(tools))
     try:
         turns, _, tools = renderer.template_messages({"messages": list(messages), "tools": tools})
         text = renderer.render(turns, tools, add_generation_prompt=True)
@@ -66,9 +66,16 @@ def render(tokenizer: Any, messages: Sequence[Message], *, tools: list[Any] | No
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def renderer_for(tokenizer: Any) -> Any:
-    """The data pipeline's Renderer for this tokenizer's chat template (cached)."""
-    return _renderer(tokenizer.chat_template, tuple(sorted(_special_tokens(tokenizer).items())))
+def renderer_for(tokenizer: Any, *, tools: bool = False) -> Any:
+    """The data pipeline's Renderer for this tokenizer's chat template (cached).
+
+    A tokenizer may hold several named templates (``{"default": ..., "tool_use": ...}``); as in transformers,
+    ``tool_use`` serves requests with tools and ``default`` the others.
+    """
+    source = tokenizer.chat_template
+    if isinstance(source, dict):
+        source = source.get("tool_use" if tools else "default") or source.get("default") or next(iter(source.values()))
+    return _renderer(source, tuple(sorted(_special_tokens(tokenizer).items())))
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,7 +31,8 @@ HELP = """commands:
   /history       show the conversation as the model sees it
   /tool JSON     answer the model's function call with a function_response turn, e.g. /tool {"temp": 21}
   /help          this help
-  /exit          quit (or Ctrl+D); Ctrl+C stops a reply and keeps the conversation"""
+  /exit          quit (or Ctrl+D); Ctrl+C stops a reply and keeps the conversation
+end a line with \\ to write more lines in one message"""
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 COMMANDS = ("/system", "/reset", "/history", "/tool", "/help", "/exit", "/quit")
 
@@ -154,7 +155,7 @@ def interactive(session: Session) -> int:
         out.write("\n")  # readline redraws a one-line prompt best
         out.flush()
         try:
-            line = input("you> ")
+            line = _read_message()
         except EOFError:
             out.write("\n")
             return 0
@@ -173,6 +174,15 @@ def interactive(session: Session) -> int:
         except Exception as exc:  # whatever it was, the conversation goes on, and no traceback is shown
             out.write(f"\nerror: {type(exc).__name__}: {exc}\n")
         out.flush()
+
+
+def _read_message() -> str:
+    """One message from the terminal; a line ending in a backslash continues on the next line."""
+    lines = [input("you> ")]
+    while lines[-1].endswith("\\"):
+        lines[-1] = lines[-1][:-1]
+        lines.append(input("...> "))
+    return "\n".join(lines)
 
 
 def _turn(session: Session, line: str, out: TextIO, *, stream: bool) -> bool:

@@ -256,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:  # noqa: N802
         self._guard(self._not_allowed)
 
-    do_DELETE = do_PATCH = do_PUT  # noqa: N815
+    do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_PUT  # noqa: N815
 
     def _guard(self, handler: Any) -> None:
         """Every failure becomes a JSON error; nothing escapes to the server thread."""
