@@ -323,9 +323,10 @@ def load_model(found: Found, plan: Plan) -> Any:
     dtype = _dtype(plan.model.dtype, device)
     trust = plan.model.trust_remote_code
     path = found.base if found.kind == "adapter" else str(found.folder)
+    placement = {"device_map": device} if device == "cuda" else {}  # straight to the GPU, no copy in host memory
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **placement)
         if found.kind == "adapter":
             from peft import PeftModel
 
