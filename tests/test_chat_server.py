@@ -274,9 +274,11 @@ def _wait_for_line(process: subprocess.Popen[str], text: str, timeout: float) ->
     return "".join(found)
 
 
-def test_a_port_in_use_is_a_clear_error(chat_dirs: dict[str, Path]) -> None:
+def test_a_port_in_use_is_a_clear_error(chat_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from impruver.chat.server import run
     from impruver.errors import RunError
+
+    monkeypatch.setattr("impruver.chat.load.quiet_libraries", lambda: None)  # keep library logging as other tests want
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
