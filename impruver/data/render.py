@@ -1,11 +1,14 @@
 """Rendering conversations with a chat template, and the loss mask: which tokens are trained on.
 
-The ONE rule for trainability: a conversation is rendered once, as a whole, into text; the text is tokenized once,
-with character offsets; a token is trained on when it overlaps a trainable span of that text. Trainable
-spans are the assistant and function_call turns as the template writes them (what the template puts inside the
-turn, such as Qwen3's empty think block, included) up to and including the turn's end-of-turn marker.
+The ONE rule for trainability: a conversation is rendered once, as a whole, into text; the text is tokenized once
+by the fast tokenizer, which maps characters to tokens; a token is trained on when it overlaps a trainable span of
+that text. Trainable spans are the assistant and function_call turns as the template writes them (what the
+template puts inside the turn, such as Qwen3's empty think block, included) up to and including the turn's
+end-of-turn marker. A token straddling a span's edge (the header's "\n" merged with content that starts with
+whitespace) is trained.
 
-Spans come from the template itself when it marks them with ``{% generation %}``. Otherwise, for a trainable
+Spans come from the template itself when it marks them with ``{% generation %}`` (impruver's saiga and chatml
+templates do, so they render once). Otherwise, for a trainable
 message ``i``: the span starts where ``render(messages[:i], add_generation_prompt=True)`` ends (that text is a
 prefix of the whole rendering for every template seen so far; when it is not, at the message's content), and it
 ends after the first end-of-turn marker following the content. The marker is learned from the template by
