@@ -169,6 +169,10 @@ def main() -> None:
                         "records_per_s_2_free_cores": round(args.records / (best_cpu[name] / 2)),
                         **extra.get(name, {})}
     result["load_average_1min_at_end"] = os.getloadavg()[0]
+    import resource
+
+    # Peak memory of one worker process (the main process here also holds the benchmark's own copy of the data).
+    result["worker_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     result["ratio_near_off_to_bare"] = round(
         result["compose_near_off"]["records_per_s"] / result["bare_tokenizer"]["records_per_s"], 3)
     result["ratio_near_off_to_bare_cpu"] = round(
