@@ -13,6 +13,7 @@ With stdin not a terminal, each input line is a user turn (or a /command) and ea
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -117,6 +118,9 @@ def run(plan: Plan, *, prompt: str | None = None, **flags: Any) -> int:
         return interactive(session)
     except ImpruverError:
         raise
+    except BrokenPipeError:  # the reader went away (`impruver chat ... | head -1`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when Python flushes at exit
+        return 0
     except Exception as exc:  # never a traceback for the user: say what failed
         raise RunError(f"chat failed: {type(exc).__name__}: {exc}") from None
 
@@ -140,6 +144,8 @@ def scripted(session: Session, lines: TextIO, out: TextIO) -> int:
                 break
         except ImpruverError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        except BrokenPipeError:
+            raise
         except Exception as exc:  # a script gets every reply it can, and the reason for any it cannot
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     return 0
