@@ -33,6 +33,9 @@ ARCH_MODULES: dict[str, set[str]] = {
 for _family in ("mistral", "qwen2", "qwen3"):
     ARCH_MODULES[_family] = ARCH_MODULES["llama"]
 
+# torch DistributedDataParallel settings a `ddp:` section may give (with or without the `ddp_` prefix).
+DDP_ARGS = {"broadcast_buffers", "bucket_cap_mb", "find_unused_parameters", "check_reduction",
+            "gradient_as_bucket_view", "static_graph"}
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
 SECRET_KEY_ALLOWED = {"bos_token", "eos_token", "pad_token", "unk_token", "max_tokens", "max_new_tokens"}
 
@@ -569,6 +572,10 @@ def _check_rules(sections: dict[str, Any]) -> list[Problem]:
                                 f"{hw.machine_rank} is not below num_machines={hw.num_machines}"))
     if hw.num_machines > 1 and not hw.main_process_ip:
         problems.append(Problem("hardware.main_process_ip", "a multi-machine run needs the main machine's address"))
+    for key in train.ddp:
+        if key.removeprefix("ddp_") not in DDP_ARGS:
+            problems.append(Problem(f"train.ddp.{key}", f"not a DistributedDataParallel setting; "
+                                    f"{choices_hint(key, sorted(f'ddp_{a}' for a in DDP_ARGS))}"))
     if train.resume not in ("never", "auto") and not Path(train.resume).is_dir():
         problems.append(Problem("train.resume", f"'{train.resume}' is neither never, auto nor a checkpoint folder"))
     if not any(s.enabled for s in dataset.sources.values()):

@@ -138,6 +138,8 @@ def test_top_level_shorthands_of_the_recipe_catalogue() -> None:
     plan = plan_of("+resume=auto", "+ddp.ddp_find_unused_parameters=false")
     assert plan.train.resume == "auto"
     assert plan.train.ddp == {"ddp_find_unused_parameters": False}
+    found = problems("+ddp.ddp_find_unused_parameter=false")
+    assert any("train.ddp.ddp_find_unused_parameter" in p and "ddp_find_unused_parameters" in p for p in found)
 
 
 def test_public_api_survives_submodule_imports() -> None:
