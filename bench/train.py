@@ -105,6 +105,7 @@ def make_plan(work: Path, args: argparse.Namespace, cuda: bool) -> Any:
     if shape["method"] == "lora":
         method["lora"] = {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": "auto"}
     steps = args.steps or (shape["steps"] if cuda else 12)
+    rows = args.rows or shape["rows"]
     config = {
         "output_dir": str(work / "impruver"), "seed": 0,
         "model": {"builder": "arch" if shape["method"] == "scratch" else "hf", "path": None, "arch": arch,
@@ -117,7 +118,7 @@ def make_plan(work: Path, args: argparse.Namespace, cuda: bool) -> Any:
         "method": method,
         "hardware": {"name": "bench", "device": "cuda" if cuda else "cpu",
                      "mixed_precision": "bf16" if cuda else "no", "gpu_memory_gib": 200.0 if cuda else None},
-        "train": {"batch_size": shape["rows"], "max_steps": steps, "lr": 1e-4, "warmup_steps": 0,
+        "train": {"batch_size": rows, "max_steps": steps, "lr": 1e-4, "warmup_steps": 0,
                   "optimizer": "adamw", "compile": False if args.no_compile else "auto",
                   "packing": True, "eval_steps": None, "save_steps": None, "logging_steps": 1,
                   "load_best_at_end": False, "memory_check": False, "max_grad_norm": 1.0},
@@ -269,7 +270,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="first steps not timed")
     parser.add_argument("--chats", type=int, default=None, help="synthetic chats to compose")
-    parser.add_argument("--trainer-batch", type=int, default=None)
+    parser.add_argument("--trainer-batch", type=int, default=None, help="Trainer rows per step (default: the shape's)")
+    parser.add_argument("--rows", type=int, default=None, help="impruver packed rows per step (default: the shape's)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--side", choices=["impruver", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -291,7 +293,7 @@ def main() -> None:
         work = Path(tmp)
         shape = SHAPES[args.shape]
         steps = args.steps or (shape["steps"] if cuda else 12)
-        need_rows = shape["rows"] * steps + 8
+        need_rows = (args.rows or shape["rows"]) * steps + 8
         chats = args.chats or max(300, int(need_rows * shape["seq_len"] / 300 * 1.2))
         synthetic_chats(work / "chats.jsonl", chats, seed=0)
         plan = make_plan(work, args, cuda)
@@ -315,7 +317,7 @@ def main() -> None:
         "impruver": {k: _round(v) for k, v in results["impruver"].items()},
         "trainer": {k: _round(v) for k, v in results["trainer"].items()},
         "ratio": round(results["impruver"]["useful_tokens_per_s"] / results["trainer"]["useful_tokens_per_s"], 2),
-        "settings": {"impruver": f"packed {shape['rows']} x {shape['seq_len']}, position ids, sdpa"
+        "settings": {"impruver": f"packed {args.rows or shape['rows']} x {shape['seq_len']}, position ids, sdpa"
                      + (", bf16 autocast, fp32 master, fused AdamW" if cuda else ", fp32, AdamW")
                      + (", torch.compile" if cuda and not args.no_compile else ""),
                      "trainer": f"batch {args.trainer_batch or shape['trainer_batch']}, DataCollatorForSeq2Seq "
