@@ -160,6 +160,8 @@ BAD = {
     "unknown_role": (json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n", "openai", {},
                      r"bad\.jsonl:1: message 0 has role 'robot'"),
     "empty_file": ("", "openai", {}, r"bad\.jsonl is empty"),
+    "odd_shape": (json.dumps({"name": "x", "context": "y", "dialogues": [{"chat": ["not a turn"]}]}) + "\n",
+                  "roleplay", {}, r"bad\.jsonl:1: the format failed on this record: AttributeError"),
 }
 
 

@@ -56,7 +56,7 @@ def convert_items(items: list[tuple[str, Any]], source: dict[str, Any], on_error
             record = _parse(payload)
             if mapping:
                 record = _mapped(record, mapping)
-            conversations = func(record, **source["options"])
+            conversations = _call_format(func, record, source["options"])
             checked = []
             for k, conversation in enumerate(conversations):
                 at = where if len(conversations) == 1 else f"{where} (conversation {k})"
@@ -69,6 +69,20 @@ def convert_items(items: list[tuple[str, Any]], source: dict[str, Any], on_error
             continue
         counts["converted"] += len(checked)
         yield from checked
+
+
+def _call_format(func: Any, record: dict[str, Any], options: dict[str, Any]) -> list[Conversation]:
+    """The format's conversations; a crash on an odd record (a plugin's KeyError...) becomes a RecordError."""
+    try:
+        conversations = func(record, **options)
+    except (RecordError, SkipRecord):
+        raise
+    except Exception as exc:
+        raise RecordError("format_error", f"the format failed on this record: {type(exc).__name__}: {exc}") from None
+    if not isinstance(conversations, list):
+        raise RecordError("format_error", f"the format returned {type(conversations).__name__}, not a list of "
+                                          "conversations")
+    return conversations
 
 
 def fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str, counts: dict[str, Any]) -> None:
