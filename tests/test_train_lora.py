@@ -126,8 +126,8 @@ def test_tokens_added_by_the_tokenizer_train_and_load_back_exactly(tmp_path: Pat
 
     monkeypatch.setattr(outputs, "save_model", capture)
     new_ids = bigger.convert_tokens_to_ids(["<tool>", "</tool>"])
-    rows = [{"input_ids": [1, new_ids[0], 40, 41, new_ids[1], 2] * 3, "labels": [1, new_ids[0], 40, 41, new_ids[1], 2] * 3}
-            for _ in range(8)]
+    ids = [1, new_ids[0], 40, 41, new_ids[1], 2] * 3
+    rows = [{"input_ids": ids, "labels": ids} for _ in range(8)]
     from test_train_support import write_jsonl
 
     write_jsonl(out / "data" / "train.jsonl", rows)

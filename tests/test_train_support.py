@@ -44,7 +44,8 @@ def make_tokenizer(folder: Path, vocab_size: int = 320) -> Any:
     return fast
 
 
-def synthetic_rows(n: int, *, vocab: int, seed: int, min_len: int = 8, max_len: int = 40) -> list[dict[str, Any]]:
+def synthetic_rows(n: int, *, vocab: int, seed: int, min_len: int = 8,
+                   max_len: int = 40) -> list[dict[str, Any]]:
     """Samples whose answer continues a counting pattern (learnable in a few steps); prompt labels are -100."""
     rng = np.random.default_rng(seed)
     rows = []

@@ -68,6 +68,11 @@ def write_card(plan: Plan, summary: dict[str, Any]) -> Path:
                         f"{', loss on the whole text' if not s.only_target_loss else ', loss on the assistant turns'})"
                         for s in plan.sources.values())
     t = plan.train
+    training = (f"{summary.get('steps')} optimizer steps of {t.batch_size} rows x {summary.get('world_size', 1)} "
+                f"processes x {t.grad_accum} accumulation, {plan.seq_len} tokens per row "
+                f"({'packed' if t.packing else 'padded'}), lr {t.lr} ({t.scheduler}, {t.warmup_steps} warmup), "
+                f"optimizer {t.optimizer}, mixed precision {plan.hardware.mixed_precision}")
+    best = f" (best at step {summary['best_step']})" if summary.get("best_step") else ""
     adapter = plan.method.builder in ("lora", "qlora")
     load = ("from peft import AutoPeftModelForCausalLM\n"
             f"model = AutoPeftModelForCausalLM.from_pretrained({plan.output_dir!r})"
@@ -86,9 +91,9 @@ Trained with impruver{f' (preset `{plan.preset}`)' if plan.preset else ''}.
 - **Method:** {method}
 - **Data:** {summary.get('train_samples', '?')} training and {summary.get('val_samples', 0)} validation samples from
 {sources}
-- **Training:** {summary.get('steps')} optimizer steps of {t.batch_size} x {summary.get('world_size', 1)} rows x {t.grad_accum} accumulation, {plan.seq_len} tokens per row ({'packed' if t.packing else 'padded'}), lr {t.lr} ({t.scheduler}, {t.warmup_steps} warmup), optimizer {t.optimizer}, mixed precision {plan.hardware.mixed_precision}
+- **Training:** {training}
 - **Tokens trained on:** {summary.get('tokens', 0):,}
-- **Final train loss:** {_fmt(summary.get('train_loss'))}; **eval loss:** {_fmt(summary.get('eval_loss'))}{f" (best at step {summary['best_step']})" if summary.get('best_step') else ''}
+- **Final train loss:** {_fmt(summary.get('train_loss'))}; **eval loss:** {_fmt(summary.get('eval_loss'))}{best}
 
 The full configuration is in `plan.yaml`; per-step metrics in `metrics.jsonl`.
 

@@ -1,7 +1,7 @@
 """The training recipe: ``impruver train`` and the main job (``impruver`` with overrides).
 
-One linear recipe, read top to bottom: checks -> data -> seed -> tokenizer -> model -> method -> rows ->
-optimizer / schedule -> loop (accumulate, clip, step, log, evaluate, checkpoint) -> best -> save.
+One linear recipe, read top to bottom: checks -> accelerator -> data -> seed -> tokenizer -> model -> method ->
+rows -> optimizer / schedule -> loop (accumulate, clip, step, log, evaluate, checkpoint) -> best -> save.
 
 The loop runs on ``accelerate.Accelerator``: one process here, DDP / FSDP / DeepSpeed when ``impruver.launch``
 starts several workers on the frozen plan. Only the main process writes files. The loss of an optimizer step is
@@ -55,16 +55,6 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
 
     check_reporters(list(plan.train.report_to))
 
-    # 2. Data: composed once (by the main process; workers find it done) and the plan frozen beside it.
-    from impruver.data import pipeline
-
-    if not worker:
-        if options.get("force"):
-            pipeline.run(plan, force=True)  # --force: compose again even when the data is up to date
-        else:
-            pipeline.ensure_composed(plan)
-        plan.write()
-
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -91,6 +81,19 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                               kwargs_handlers=handlers)
     main, world = accelerator.is_main_process, accelerator.num_processes
     train_spec = plan.train
+
+    # 2. Data: composed once, by the main process first (the others then find it up to date; workers started by
+    # impruver.launch find it done), and the plan frozen beside the outputs.
+    from impruver.data import pipeline
+
+    if not worker:
+        with accelerator.main_process_first():
+            if options.get("force") and main:
+                pipeline.run(plan, force=True)  # --force: compose again even when the data is up to date
+            else:
+                pipeline.ensure_composed(plan)
+        if main:
+            plan.write()
 
     # 3. Seed, tokenizer, model, method.
     set_seed(train_spec.seed)
