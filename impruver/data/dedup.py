@@ -73,7 +73,9 @@ def shingles(text: str, size: int) -> np.ndarray:
     begins = inside.copy()
     begins[1:] &= ~inside[:-1]  # the first byte of each word
     starts = np.flatnonzero(begins[inside])  # where each word starts among the word bytes
-    lengths = np.diff(starts, append=len(word_bytes))
+    lengths = np.empty_like(starts)
+    lengths[:-1] = starts[1:] - starts[:-1]
+    lengths[-1] = len(word_bytes) - starts[-1]
     position = np.arange(len(word_bytes)) - np.repeat(starts, lengths)  # byte's place in its word
     word_hash = _mix(np.add.reduceat(word_bytes * _powers(len(word_bytes))[position], starts))
     count = len(word_hash)
