@@ -168,9 +168,9 @@ class Terminal:
 
 
 def test_terminal_repl_streams_resets_survives_ctrl_c_and_exits_on_ctrl_d(chat_dirs: dict[str, Path]) -> None:
-    # 800 new tokens take this tiny model a second or more: long enough to interrupt a reply while it streams.
+    # 400 new tokens take this tiny model about a second: long enough to interrupt a reply while it streams.
     argv = impruver_cmd("chat", f"output_dir={chat_dirs['full']}", "chat.do_sample=false",
-                        "chat.max_new_tokens=800")
+                        "chat.max_new_tokens=400")
     term = Terminal(argv, cli_env())
     try:
         term.expect("you> ")

@@ -31,9 +31,7 @@ CORPUS = [
     '{"name": "get_weather", "arguments": {"city": "Moscow"}} function_call function_response',
 ]
 CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Moscow"}})  # what the function caller says
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object",
-                                                          "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 POSITIONS = 2048  # long enough for a reply that is still streaming when the Ctrl+C test interrupts it
 
 
@@ -183,7 +181,7 @@ def _function_caller(tmp_path_factory: pytest.TempPathFactory) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 10 == 0:
+        if step >= 20 and step % 10 == 0:
             model.eval()
             if all(greedy(model, tok, prompt, len(answer)) == answer for prompt, answer in rows):
                 break
