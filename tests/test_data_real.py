@@ -169,3 +169,34 @@ def test_builtin_generation_marks_agree_with_prefix_renderings(gpt2_saiga, templ
             assert marked.text_and_spans(conversation) == generic.text_and_spans(conversation), conversation
             checked += 1
     assert checked > 800
+
+
+def test_compose_every_real_file_with_a_local_hf_tokenizer(tmp_path, gpt2_saiga):
+    """The whole pipeline over every chat, tool and instruct file at once: hf builder from a local folder, every
+    record valid, duplicates found across files, and every kept sample trains on assistant text only."""
+    from impruver.compose import compose
+    from impruver.data import pipeline
+    from impruver.plan import DatasetSpec, SourceSpec, make_plan
+
+    tok, _ = gpt2_saiga
+    tok.save_pretrained(tmp_path / "gpt2")
+    composed = compose(["preset=demo", f"output_dir={tmp_path / 'out'}"])
+    plan = make_plan(composed.config, choices=composed.choices)
+    sources = {f"s{i}": SourceSpec(path=str(SHARED / path), format=fmt) for i, (path, fmt) in enumerate(FILES)}
+    plan = plan.model_copy(update={
+        "dataset": DatasetSpec(sources=sources, val_fraction=0.02, max_tokens=1024, length_policy="truncate"),
+        "tokenizer": plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tmp_path / "gpt2"),
+                                                       "chat_template": "saiga"}),
+        "model": plan.model.model_copy(update={"context_length": 1024})})
+    result = pipeline.compose(plan)
+    report = result.report
+    assert all(not row["invalid"] for row in report["sources"].values())
+    assert sum(row["duplicates"] for row in report["sources"].values()) > 0  # identity/alpaca copies exist
+    assert report["train"]["samples"] > 4000
+    eos = tok.eos_token_id
+    with result.train_path.open() as handle:
+        for n, line in zip(range(2000), handle):
+            sample = json.loads(line)
+            trained = runs(sample["input_ids"], sample["labels"])
+            assert trained and all(run[-1] == eos for run in trained)
+            assert not any("<|endoftext|>user\n" in decode(tok, run) for run in trained)
