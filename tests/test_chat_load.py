@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,6 +58,17 @@ def test_adapter_base_falls_back_to_the_runs_plan(chat_dirs: dict[str, Path], tm
     plan_file = moved / "plan.yaml"
     plan_file.write_text(plan_file.read_text().replace("path: null", f"path: {chat_dirs['full']}", 1))
     assert locate(moved).base == str(chat_dirs["full"])
+
+
+def test_a_merged_export_older_than_its_adapter_is_not_used(chat_dirs: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(chat_dirs["adapter"], run)
+    shutil.copytree(chat_dirs["merged_run"] / "merged", run / "merged")
+    assert locate(run).kind == "merged"
+    os.utime(run / "merged" / "model.safetensors", (1_000_000, 1_000_000))  # exported before the adapter changed
+    assert locate(run).kind == "adapter"
+    assert "merged is older than adapter_model.safetensors: chatting with the adapter" in capsys.readouterr().err
 
 
 def test_missing_output_dir_names_it_and_the_command(tmp_path: Path) -> None:

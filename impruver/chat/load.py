@@ -92,12 +92,26 @@ def locate(output_dir: str | os.PathLike[str], *, model_path: str | None = None)
         return Found(folder, "merged" if folder.name in MERGED_SUBDIRS else "full", tokenizer_dirs=(folder,))
     for name in MERGED_SUBDIRS:
         sub = folder / name
-        if (sub / "config.json").is_file():
+        if (sub / "config.json").is_file() and not _stale(sub, folder / "adapter_model.safetensors"):
             _check_model_folder(sub)
             return Found(sub, "merged", tokenizer_dirs=(sub, folder))
     if is_adapter:
         return _adapter(folder, model_path)
     raise RunError(_nothing_there(folder))
+
+
+def _stale(merged: Path, adapter_weights: Path) -> bool:
+    """A merged export older than the adapter beside it (trained again since): warn, and use the adapter."""
+    weights = sorted(merged.glob("model*.safetensors"))
+    if not weights or not adapter_weights.is_file():
+        return False
+    if min(p.stat().st_mtime for p in weights) >= adapter_weights.stat().st_mtime:
+        return False
+    from impruver.ui import print_warning
+
+    print_warning(f"{merged} is older than {adapter_weights.name}: chatting with the adapter instead "
+                  f"(run `impruver export` again to refresh the merged model)")
+    return True
 
 
 def _adapter(folder: Path, model_path: str | None) -> Found:
