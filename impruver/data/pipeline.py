@@ -467,8 +467,8 @@ def show_report(report: dict[str, Any], *, reused: bool = False) -> None:
     table = Table(title=title, title_justify="left")
     columns = ("source", "loaded", "converted", "invalid", "skipped", "too long", "duplicates", "kept", "train",
                "val")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "source" else "right")
+    for column in columns:  # full headers even on a narrow or non-terminal console
+        table.add_column(column, justify="left" if column == "source" else "right", min_width=len(column))
     for name, row in report.get("sources", {}).items():
         table.add_row(name, *map(str, (row["loaded"], row["converted"], _reasons(row["invalid"]),
                                        _reasons(row["skipped"]), row["too_long"] + row.get("no_trainable", 0),
@@ -476,7 +476,7 @@ def show_report(report: dict[str, Any], *, reused: bool = False) -> None:
     console.print(table)
     tokens = Table(title="tokens per sample", title_justify="left")
     for column in ("split", "samples", "tokens", "min", "mean", "p50", "p95", "max", "trained share"):
-        tokens.add_column(column, justify="left" if column == "split" else "right")
+        tokens.add_column(column, justify="left" if column == "split" else "right", min_width=len(column))
     for split in ("train", "val"):
         s = report.get(split, {})
         tokens.add_row(split, *(str(s.get(k, "-")) for k in ("samples", "tokens", "min", "mean", "p50", "p95",
