@@ -27,8 +27,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     """impruver's log: rich in a terminal, plain timestamped lines otherwise. Hydra is told not to touch it."""
     if log.handlers:
         return
-    if err_console.is_terminal:
-        handler: logging.Handler = RichHandler(console=err_console, show_path=False, markup=False)
+    if console.is_terminal:
+        # The same console as the progress bars, so that log lines print above a live bar instead of through it.
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
