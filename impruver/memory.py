@@ -178,7 +178,8 @@ def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool |
     activations = tokens * shape.n_layer * per_token_layer
     if ckpt:
         activations += tokens * 34 * shape.d * act_bytes / 2  # the one layer being recomputed
-    # Logits in the compute dtype, their fp32 copy, the fp32 log-softmax kept for backward, and its gradient.
+    # Logits in the compute dtype, their fp32 copy, the fp32 log-softmax kept for backward, and its gradient. An
+    # upper bound: impruver's loss runs the head only on target tokens (the assistant turns of chat SFT).
     logits = tokens * shape.vocab * (act_bytes + 12)
     activations += logits
     parts = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations}

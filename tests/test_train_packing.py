@@ -10,6 +10,7 @@ from test_train_support import GPT2_ARCH, LLAMA_ARCH, synthetic_rows, write_json
 
 from impruver.plan import ArchSpec
 from impruver.train.data import collate, make_rows, read_samples
+from impruver.train.loss import TokenLoss
 from impruver.train.models import LoadOptions, config_from_arch
 from impruver.train.recipe import token_loss_sum
 
@@ -19,7 +20,7 @@ def _model(arch: dict, attn: str):
 
     torch.manual_seed(0)
     config = config_from_arch(ArchSpec(**arch), vocab_size=320)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    return TokenLoss(AutoModelForCausalLM.from_config(config, attn_implementation=attn)).eval()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -67,3 +68,36 @@ def test_load_options_keep_fp32_master_weights_under_mixed_precision() -> None:
         "bfloat16"
     assert load_options(method=MethodSpec(builder="scratch"), model=ModelSpec(path="x"),
                         hardware=HardwareSpec()).dtype == "float32"
+
+
+def _full_logits_loss(model, batch) -> torch.Tensor:
+    """The reference: the model's own forward, all logits, then the loss."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             batch["targets"].reshape(-1), ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("arch", [GPT2_ARCH, LLAMA_ARCH], ids=["gpt2", "llama"])
+def test_head_on_target_positions_only_gives_the_full_logits_loss_and_gradients(tmp_path: Path, arch: dict,
+                                                                                 method: str) -> None:
+    from impruver.plan import LoraSpec, MethodSpec
+    from impruver.train.methods import lora
+
+    samples = read_samples(write_jsonl(tmp_path / "d.jsonl", synthetic_rows(6, vocab=320, seed=5)), max_len=64)
+    batch = collate(samples, make_rows(samples, seq_len=64, packing=True), pad_id=0, seq_len=64, packed=True)
+    model = _model(arch, "sdpa").model.train()
+    if method == "lora":
+        model = lora(spec=MethodSpec(builder="lora", lora=LoraSpec(r=4, dropout=0.0, modules_to_save=["lm_head"])),
+                     model=model)
+        torch.nn.init.normal_(next(p for n, p in model.named_parameters() if "lora_B" in n))
+    wrapped = TokenLoss(model)
+    assert wrapped.head_on_targets
+    loss = wrapped(batch["input_ids"], batch["position_ids"], batch["targets"])
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    reference = _full_logits_loss(model, batch)
+    expected = torch.autograd.grad(reference, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -61,6 +61,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
 
     from impruver.train import checkpoint as ckpt
     from impruver.train.data import Batches, make_rows, read_samples
+    from impruver.train.loss import TokenLoss
     from impruver.train.methods import ADAPTER_METHODS, load_options
     from impruver.train.metrics import MetricsWriter, format_line, plot_loss
     from impruver.train.optim import param_groups
@@ -137,17 +138,18 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
 
     # 5. Optimizer and schedule (stepped by hand: the schedule counts optimizer steps across all ranks). The model
     # is placed (and wrapped for DDP / FSDP) first, so the optimizer sees the parameters where they will live.
-    model = accelerator.prepare(model)
+    # The loss is part of the wrapped module: the output head runs only where there are targets (see train.loss).
+    loss_model = accelerator.prepare(TokenLoss(model))
     optimizer = registry.lookup("optimizers", train_spec.optimizer)(
-        params=param_groups(model, train_spec.weight_decay), lr=train_spec.lr, betas=tuple(train_spec.betas),
+        params=param_groups(loss_model, train_spec.weight_decay), lr=train_spec.lr, betas=tuple(train_spec.betas),
         eps=train_spec.eps, weight_decay=train_spec.weight_decay)
     scheduler = registry.lookup("schedulers", train_spec.scheduler)(
         optimizer=optimizer, num_training_steps=total_steps, warmup_steps=train_spec.warmup_steps,
         min_lr_ratio=train_spec.min_lr_ratio)
     optimizer = accelerator.prepare(optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(loss_model).model  # the model itself, for checkpoints and saving
     compile_model = train_spec.compile if train_spec.compile != "auto" else accelerator.device.type == "cuda"
-    forward_model = torch.compile(model) if compile_model else model
+    forward_model = torch.compile(loss_model) if compile_model else loss_model
 
     # 6. Resume: weights, optimizer, schedule and RNG from the last checkpoint; the data order follows the step.
     signature = {"seed": train_spec.seed, "batch_size": train_spec.batch_size, "grad_accum": accum,
@@ -187,7 +189,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     # 7. The loop: accumulate `accum` micro-batches, clip, step; log, evaluate and checkpoint by step count.
     from impruver.ui import interactive, progress
 
-    model.train()
+    loss_model.train()
     started, tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
     # The window's summed loss stays on the device: reading it (a device sync) happens only when logging.
     window_loss = torch.zeros((), device=accelerator.device)
@@ -206,14 +208,14 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                                                 sum(p["n_tokens"] for p in parts))
             step_loss = torch.zeros((), device=accelerator.device)
             for k, part in enumerate(parts):
-                sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(model)
+                sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(loss_model)
                 with sync:
                     loss_sum = token_loss_sum(forward_model, part, accelerator.device)
                     accelerator.backward(loss_sum * world / max(n_targets, 1))
                 step_loss += loss_sum.detach()
             grad_norm = None
             if train_spec.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), train_spec.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(loss_model.parameters(), train_spec.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
@@ -326,19 +328,16 @@ def enable_checkpointing(model: Any) -> None:
         raise RunError("train.gradient_checkpointing: this model has no checkpointing switch; set it to false")
 
 
-def token_loss_sum(model: Any, batch: dict[str, Any], device: Any) -> Any:
-    """Sum of next-token cross-entropy over the batch's target tokens (a 0-d fp32 tensor)."""
-    import torch.nn.functional as F
+def token_loss_sum(loss_model: Any, batch: dict[str, Any], device: Any) -> Any:
+    """Sum of next-token cross-entropy over the batch's target tokens (a 0-d fp32 tensor).
 
+    ``loss_model`` is a :class:`~impruver.train.loss.TokenLoss` (possibly wrapped by accelerate / compiled).
+    """
     inputs = {"input_ids": _to(batch["input_ids"], device), "position_ids": _to(batch["position_ids"], device),
-              "use_cache": False}
+              "targets": _to(batch["targets"], device)}  # [batch, length] each; targets already shifted
     if "attention_mask" in batch:
         inputs["attention_mask"] = _to(batch["attention_mask"], device)
-    out = model(**inputs)
-    logits = out.logits if hasattr(out, "logits") else out  # [batch, length, vocab]
-    targets = _to(batch["targets"], device)  # [batch, length], already shifted
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    return loss_model(**inputs)
 
 
 def eval_loss(model: Any, samples: Samples, batches: Batches, *, accelerator: Any, pad_id: int, seq_len: int,

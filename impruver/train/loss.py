@@ -1,0 +1,60 @@
+"""The training loss as a module: summed next-token cross-entropy over the target tokens of a batch.
+
+For the causal LMs impruver knows (GPT-2, Llama, Mistral, Qwen2/3: a plain linear head over the last hidden
+state), the output head runs only on the positions that have a target. In chat SFT the prompt turns (often half
+of the tokens) then cost no head FLOPs and, above all, no logits: the [tokens x vocabulary] logits, their fp32 copy
+and their gradient are the largest activations of small and mid-sized models. Any other model goes through its
+own forward and the full logits.
+
+Wrapping the model in this module (rather than calling its parts from the loop) keeps DDP's hooks, accelerate's
+autocast and torch.compile on the whole computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from impruver.train.data import IGNORE
+
+HEAD_ONLY_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+def targets_only(model: Any) -> bool:
+    """Whether the head can be applied to selected positions: a known family with decoder and head accessible."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    return (family in HEAD_ONLY_FAMILIES and callable(getattr(model, "get_decoder", None))
+            and callable(getattr(model, "get_output_embeddings", None)))
+
+
+class TokenLoss(torch.nn.Module):
+    """``forward(input_ids, position_ids, targets[, attention_mask])`` -> the summed cross-entropy (0-d fp32).
+
+    ``targets`` are already shifted (``targets[t]`` is the token after position t, -100 where no loss is taken).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.head_on_targets = targets_only(model)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        if attention_mask is not None:
+            inputs["attention_mask"] = attention_mask
+        flat_targets = targets.reshape(-1)  # [batch * length]
+        if not self.head_on_targets:
+            out = self.model(**inputs)
+            logits = out.logits if hasattr(out, "logits") else out  # [batch, length, vocab]
+            return _cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_targets)
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state  # [batch, length, hidden]
+        keep = flat_targets != IGNORE
+        selected = hidden.reshape(-1, hidden.shape[-1])[keep]  # [targets, hidden]
+        logits = self.model.get_output_embeddings()(selected)  # [targets, vocab]
+        return _cross_entropy(logits, flat_targets[keep])
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
