@@ -10,7 +10,8 @@ chats with chat-like lengths (median ~300 tokens), composed once by ``impruver c
 turns only). Each side runs in its own process (so peak memory is its own):
 
 * ``impruver``: ``impruver.train.recipe.run`` on the plan with impruver's default training settings, exactly as
-  ``impruver train`` runs it: packed rows with per-sample position ids, sdpa, AdamW (fused on a GPU), and on a
+  ``impruver train`` runs it: packed rows with per-sample position ids, sdpa, the output head on target tokens
+  only, AdamW (fused on a GPU), and on a
   GPU bf16 autocast with fp32 master weights and ``torch.compile`` (``--no-compile`` to measure without);
 * ``trainer``: ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding to the batch's longest
   sample), its default optimizer, bf16 on a GPU.
