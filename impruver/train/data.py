@@ -40,7 +40,10 @@ class Samples:
         return len(self.offsets) - 1
 
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per sample (computed once)."""
+        if "_lengths" not in self.__dict__:
+            object.__setattr__(self, "_lengths", np.diff(self.offsets))
+        return self.__dict__["_lengths"]
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[i], self.offsets[i + 1]
@@ -175,7 +178,8 @@ def collate(samples: Samples, rows: list[list[int]], *, pad_id: int, seq_len: in
     """
     import torch
 
-    longest = max(sum(int(samples.lengths()[i]) for i in row) for row in rows)
+    lengths = samples.lengths()
+    longest = max(int(lengths[row].sum()) for row in rows)
     width = seq_len if packed and seq_len else -(-longest // 8) * 8
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
