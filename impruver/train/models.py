@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,8 +150,8 @@ def hf(*, spec: ModelSpec, tokenizer: Any = None, load: LoadOptions | None = Non
                               "trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
     if load.quantization is not None:
         kwargs["quantization_config"] = _quantization_config(load.quantization)
-        # bitsandbytes places the quantized weights on the GPU as they load (one device per process).
-        kwargs["device_map"] = {"": 0}
+        # bitsandbytes places the quantized weights on the GPU as they load: this process's own GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
     except OSError as exc:
