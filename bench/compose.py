@@ -13,11 +13,17 @@ the work is real). The tokenizer is GPT-2's with impruver's saiga template. Prin
 * ``cpu_seconds`` / ``records_per_s_2_free_cores`` / ``ratio_near_off_to_bare_cpu``: the same from CPU time
   (this process and its workers), which the other jobs on a shared machine disturb far less than wall time.
 
-Measured 2026-11-27 on the 2-core dev machine while other jobs kept its load average at 4-6 (so wall-clock
-figures are a fraction of what two free cores give), 100k records, 104 MB, `--repeat 2`:
-compose near-dup on 689 rec/s (0.72 MB/s) wall, 2244 rec/s from CPU time; near-dup off 1223 rec/s wall,
-3244 from CPU time; bare tokenizer 4230 rec/s wall, 6142 from CPU time; ratio 0.29 wall, 0.53 CPU. At 20k records
-with a lighter load the wall ratio was 0.58-0.78.
+Measured 2026-11-27 on the shared 2-core dev machine, 100k records (104 MB), `--repeat 2`; other jobs kept its
+load average at 1.5-6, so wall-clock figures are a fraction of what two free cores give:
+
+| run | load | near-dup on | near-dup off | bare tokenizer | ratio off/bare |
+|---|---|---|---|---|---|
+| wall clock, 22:56 | 4-6 | 689 rec/s, 0.72 MB/s | 1223 rec/s | 4230 rec/s | 0.29 |
+| from CPU time, 22:56 | | 2244 rec/s | 3244 rec/s | 6142 rec/s | 0.53 |
+| wall clock, 23:12 | 1.5-3 | 1402 rec/s, 1.46 MB/s | 1752 rec/s, 1.82 MB/s | 4009 rec/s | 0.44 |
+| from CPU time, 23:12 | | 2779 rec/s | 3481 rec/s | 5879 rec/s | 0.59 |
+
+Worker peak memory 733 MB. At 20k records and a lighter load the wall ratio was 0.58-0.78.
 """
 
 from __future__ import annotations
