@@ -234,8 +234,13 @@ def masked_labels(encoding: Any, spans: list[tuple[int, int]]) -> tuple[list[int
     labels = [IGNORE_INDEX] * len(ids)
     trained, previous = 0, -1
     for start, end in spans:  # in text order, not overlapping: token ranges can share at most an edge token
-        first = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
-        last = next((t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None), None)
+        first = encoding.char_to_token(start) if start < end else None
+        if first is None:  # a character no token covers (rare): the first one inside the span that is covered
+            first = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
+        last = encoding.char_to_token(end - 1) if start < end else None
+        if last is None:
+            last = next((t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None),
+                        None)
         if first is None or last is None:
             continue  # nothing of the span became a token
         first = max(first, previous + 1)
