@@ -11,7 +11,8 @@ from impruver import registry
 from impruver.errors import Problem, choices_hint
 
 # Parameters that the run step injects (runtime objects); a config never sets them.
-INJECTED = {"record", "plan", "tokenizer", "model", "params", "optimizer", "num_training_steps", "texts", "spec"}
+INJECTED = {"record", "plan", "tokenizer", "model", "params", "optimizer", "num_training_steps", "texts", "spec",
+            "load"}
 
 
 def options_model(func: Any) -> type:

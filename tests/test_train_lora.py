@@ -46,9 +46,9 @@ def test_lora_trains_only_adapters_and_exports_the_same_logits(tmp_path: Path, u
     captured: dict[str, Any] = {}
     real_save = outputs.save_model
 
-    def capture(model, tokenizer, plan, *, adapter):
+    def capture(model, tokenizer, plan, *, adapter, state_dict=None):
         captured["model"] = model
-        return real_save(model, tokenizer, plan, adapter=adapter)
+        return real_save(model, tokenizer, plan, adapter=adapter, state_dict=state_dict)
 
     monkeypatch.setattr(outputs, "save_model", capture)
     plan = tiny_plan(out, method="lora", model={"builder": "hf", "path": str(base), "dtype": "float32"},
@@ -120,9 +120,9 @@ def test_tokens_added_by_the_tokenizer_train_and_load_back_exactly(tmp_path: Pat
     captured = {}
     real_save = outputs.save_model
 
-    def capture(model, tokenizer, plan, *, adapter):
+    def capture(model, tokenizer, plan, *, adapter, state_dict=None):
         captured["model"] = model
-        return real_save(model, tokenizer, plan, adapter=adapter)
+        return real_save(model, tokenizer, plan, adapter=adapter, state_dict=state_dict)
 
     monkeypatch.setattr(outputs, "save_model", capture)
     new_ids = bigger.convert_tokens_to_ids(["<tool>", "</tool>"])

@@ -30,14 +30,17 @@ def save_base(model: Any, output_dir: str | Path) -> Path:
     return folder
 
 
-def save_model(model: Any, tokenizer: Any, plan: Plan, *, adapter: bool) -> None:
+def save_model(model: Any, tokenizer: Any, plan: Plan, *, adapter: bool,
+               state_dict: dict[str, Any] | None = None) -> None:
     """Write the model (or adapter) and the tokenizer into ``plan.output_dir``.
+
+    ``state_dict``: the full weights gathered from every rank of a sharded run (None: the model's own).
 
     An adapter's config names its base so that ``peft.AutoPeftModelForCausalLM.from_pretrained(output_dir)``
     loads it: the Hub id, the absolute path of a local base, or the ``base/`` folder saved beside it.
     """
     out = Path(plan.output_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out)
     if adapter:
         if base_needs_saving(plan):

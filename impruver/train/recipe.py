@@ -280,8 +280,11 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
                "tokens_per_s": round((state.tokens - tokens_at_start) / max(this_run_s, 1e-9), 1)}
     if config is not None:
         config.pad_token_id = saved_pad_id
+    # Sharded runs (FSDP, DeepSpeed ZeRO-3): every rank takes part in gathering the full weights.
+    sharded = plan.hardware.distributed in ("fsdp", "deepspeed_zero3")
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if main:
-        save_model(unwrapped, tokenizer, plan, adapter=adapter)
+        save_model(unwrapped, tokenizer, plan, adapter=adapter, state_dict=full_state)
         writer.write({"event": "end", **{k: v for k, v in summary.items() if k != "output_dir"}})
         plot_loss(plan.output_dir)
         write_card(plan, summary)
