@@ -87,9 +87,9 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path: Path, use_files, monk
     seen = {}
     real_save = outputs.save_model
 
-    def capture(model, tokenizer, plan, *, adapter):
+    def capture(model, tokenizer, plan, *, adapter, state_dict=None):
         seen["dtypes"] = {p.dtype for p in model.parameters()}
-        return real_save(model, tokenizer, plan, adapter=adapter)
+        return real_save(model, tokenizer, plan, adapter=adapter, state_dict=state_dict)
 
     monkeypatch.setattr(outputs, "save_model", capture)
     out = prepare(tmp_path / "run")
