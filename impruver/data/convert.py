@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import orjson
 
 from impruver.data import dedup
 from impruver.data.messages import Conversation, RecordError, SkipRecord, plain_text, validate, with_system
@@ -98,12 +99,21 @@ def fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str, co
 def _parse(payload: Any) -> dict[str, Any]:
     if isinstance(payload, str):
         try:
-            payload = json.loads(payload)
-        except json.JSONDecodeError as exc:
-            raise RecordError("broken_json", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            payload = orjson.loads(payload)  # several times faster; strict RFC 8259, same values
+        except orjson.JSONDecodeError:
+            payload = _parse_lenient(payload)
     if not isinstance(payload, dict):
         raise RecordError("not_an_object", f"a record must be a JSON object, not {type(payload).__name__}")
     return payload
+
+
+def _parse_lenient(payload: str) -> Any:
+    """What orjson refuses, through the standard library: NaN and Infinity, lone surrogates, integers beyond
+    64 bits are still read as before, and broken JSON gets the standard library's message."""
+    try:
+        return json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise RecordError("broken_json", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
 
 
 def _mapped(record: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
@@ -152,31 +162,23 @@ def _dedup_text(conversation: Conversation) -> str:
 
 def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[str, Any]) -> dict[str, Any]:
     n = len(units)
-    exact = np.zeros(n, dtype=np.uint64)
-    bands = np.zeros((n, settings["bands"]), dtype=np.uint64) if settings["near"] else None
-    sigs = np.zeros((n, settings["num_perm"]), dtype=np.uint32) if settings["near"] else None
-    per_unit = np.zeros(n, dtype=np.int32)
-    lengths, trainable, lines = [], [], []
-    for u, (text, samples) in enumerate(units):
-        exact[u] = dedup.exact_key(text)
-        if sigs is not None:
-            sigs[u] = dedup.signature(text, num_perm=settings["num_perm"], shingle_size=settings["shingle_size"])
-            bands[u] = dedup.band_keys(sigs[u], settings["bands"], settings["rows"])
-        per_unit[u] = len(samples)
-        for sample in samples:
-            lengths.append(len(sample.input_ids))
-            trainable.append(sample.trainable)
-            lines.append(_line(sample.input_ids, sample.labels))
+    texts = [text for text, _ in units]
+    exact = np.fromiter((dedup.exact_key(text) for text in texts), dtype=np.uint64, count=n)
+    bands = sigs = None
+    if settings["near"]:  # the whole chunk's MinHash signatures in one numpy pass
+        sigs = dedup.signatures(texts, num_perm=settings["num_perm"], shingle_size=settings["shingle_size"])
+        bands = dedup.band_keys_of(sigs, settings["bands"], settings["rows"])
+    per_unit = np.fromiter((len(samples) for _, samples in units), dtype=np.int32, count=n)
+    samples = [sample for _, unit_samples in units for sample in unit_samples]
     with open(shard, "wb") as handle:
-        handle.write("".join(lines).encode("utf-8"))
+        handle.write(b"".join([_line(sample.input_ids, sample.labels) for sample in samples]))
     return {"exact": exact, "bands": bands, "sigs": sigs, "per_unit": per_unit,
-            "lengths": np.asarray(lengths, dtype=np.int32), "trainable": np.asarray(trainable, dtype=np.int32)}
+            "lengths": np.fromiter((len(s.input_ids) for s in samples), dtype=np.int32, count=len(samples)),
+            "trainable": np.fromiter((s.trainable for s in samples), dtype=np.int32, count=len(samples))}
 
 
-def _line(ids: list[int], labels: list[int]) -> str:
-    # Keys in a fixed order, compact separators: the same sample always gives the same bytes.
-    return (f'{{"input_ids":{json.dumps(ids, separators=_COMPACT)},"labels":{json.dumps(labels, separators=_COMPACT)},'
-            f'"attention_mask":[{("1," * len(ids))[:-1]}]}}\n')
-
-
-_COMPACT = (",", ":")
+def _line(ids: list[int], labels: list[int]) -> bytes:
+    """One sample as a JSON line: keys in a fixed order, compact separators (orjson writes exactly what
+    ``json.dumps(..., separators=(",", ":"))`` does for lists of ints), so the same sample gives the same bytes."""
+    return orjson.dumps({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)},
+                        option=orjson.OPT_APPEND_NEWLINE)

@@ -105,6 +105,66 @@ def signature(text: str, *, num_perm: int, shingle_size: int) -> np.ndarray:
     return values.min(axis=0).astype(np.uint32)
 
 
+def signatures(texts: list[str], *, num_perm: int, shingle_size: int, block: int = 1 << 12) -> np.ndarray:
+    """MinHash signatures of many texts at once, exactly as :func:`signature` gives them one by one.
+
+    All texts' bytes are hashed in one numpy pass (joined by a newline, which no word contains), shingles are
+    kept only where all their words belong to the same text, and the permutations run as one (shingles, num_perm)
+    matrix product per block of about ``block`` shingles; a text's minimum is taken over its shingles with
+    ``np.minimum.reduceat``. Duplicate shingles need no removal: they do not change a minimum. Texts with fewer
+    than ``shingle_size`` words (one shorter shingle, or none) go through :func:`signature`.
+
+    Returns:
+        (len(texts), num_perm) uint32.
+    """
+    out = np.zeros((len(texts), num_perm), dtype=np.uint32)
+    if not texts:
+        return out
+    encoded = [t.lower().encode("utf-8") for t in texts]
+    data = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
+    text_start = np.zeros(len(texts), dtype=np.int64)  # first byte of each text in ``data``
+    np.cumsum([len(e) + 1 for e in encoded[:-1]], out=text_start[1:])
+    inside = _WORD_BYTE[data]
+    begins = inside.copy()
+    begins[1:] &= ~inside[:-1]
+    word_first_byte = np.flatnonzero(begins)  # (words,) position in ``data``
+    word_text = np.searchsorted(text_start, word_first_byte, side="right") - 1  # (words,) text of each word
+    words_per_text = np.bincount(word_text, minlength=len(texts))
+    a, b = _permutations(num_perm)
+    short = np.flatnonzero(words_per_text < shingle_size)
+    for k in short:  # a single shorter shingle (or none): the one-by-one path, rare
+        out[k] = signature(texts[k], num_perm=num_perm, shingle_size=shingle_size)
+    if len(short) == len(texts):
+        return out
+    word_bytes = data[inside].astype(np.uint64)
+    starts = np.flatnonzero(begins[inside])
+    lengths = np.empty_like(starts)
+    lengths[:-1] = starts[1:] - starts[:-1]
+    lengths[-1] = len(word_bytes) - starts[-1]
+    position = np.arange(len(word_bytes)) - np.repeat(starts, lengths)
+    word_hash = _mix(np.add.reduceat(word_bytes * _powers(len(word_bytes))[position], starts))
+    count = len(word_hash)
+    grams = np.zeros(count - shingle_size + 1, dtype=np.uint64)
+    for j in range(shingle_size):  # as in shingles(): word hash times the multiplier of its place
+        grams += word_hash[j:count - shingle_size + 1 + j] * _GRAM_MULTIPLIERS[j % 64]
+    whole = word_text[:len(grams)] == word_text[shingle_size - 1:]  # all words of the shingle in one text
+    grams = _mix(grams[whole])
+    gram_text = word_text[:len(whole)][whole]  # (grams,) non-decreasing
+    present = np.flatnonzero(words_per_text >= shingle_size)  # texts that have grams, in order
+    first = np.searchsorted(gram_text, present)  # each such text's first gram
+    done = 0
+    while done < len(present):  # blocks of whole texts, about ``block`` shingles each
+        end = max(done + 1, int(np.searchsorted(first, first[done] + block, side="right")))
+        lo, hi = first[done], (first[end] if end < len(present) else len(grams))
+        values = np.multiply.outer(a, grams[lo:hi])  # (num_perm, shingles): each text's shingles contiguous
+        values += b[:, None]
+        # The top 32 bits of the minimum are the minimum of the top 32 bits (>> is monotonic): shift after.
+        lowest = np.minimum.reduceat(values, first[done:end] - lo, axis=1)
+        out[present[done:end]] = (lowest >> np.uint64(32)).T
+        done = end
+    return out
+
+
 @lru_cache(maxsize=32)
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) minimising false positives + false negatives around ``threshold`` (as datasketch does)."""
@@ -124,6 +184,16 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """One 64-bit key per band of a signature."""
     view = sig[: bands * rows].reshape(bands, rows)
     return np.fromiter((xxhash.xxh64_intdigest(row.tobytes()) for row in view), dtype=np.uint64, count=bands)
+
+
+def band_keys_of(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """:func:`band_keys` of every row of ``sigs`` ((n, num_perm) uint32): (n, bands) uint64."""
+    width = sigs.shape[1] * 4  # bytes per signature
+    data = np.ascontiguousarray(sigs, dtype=np.uint32).tobytes()
+    step = rows * 4
+    keys = [xxhash.xxh64_intdigest(data[u + band * step:u + band * step + step])
+            for u in range(0, len(data), width) for band in range(bands)]
+    return np.array(keys, dtype=np.uint64).reshape(len(sigs), bands)
 
 
 def first_occurrences(keys: np.ndarray, candidates: np.ndarray) -> np.ndarray:
