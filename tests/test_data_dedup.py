@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 from impruver.data import dedup
@@ -52,3 +54,18 @@ def test_near_duplicates_keep_the_first_and_respect_candidates():
     assert dedup.near_duplicates(keys, sigs, without_first, 0.8).tolist() == [False, False, False, False, True]
     exact = np.array([dedup.exact_key(" ".join(t)) for t in texts], dtype=np.uint64)
     assert dedup.first_occurrences(exact, everything).tolist() == [False, False, False, False, True]
+
+
+def test_batched_signatures_equal_one_by_one():
+    rng = random.Random(3)
+    vocab = ["привет", "мир", "Hello", "world", "foo_bar", "42", "ß", "İstanbul", "x"]
+    texts = ["", " ", "!!!", "one", "a b c d e"]
+    texts += ["".join(rng.choice(vocab) + rng.choice([" ", "\n", ", ", "  ", "!"]) for _ in range(rng.choice(
+        [0, 1, 3, 4, 5, 6, 40, 300]))) for _ in range(400)]
+    for size, num_perm, block in ((1, 16, 1), (2, 128, 50), (5, 128, 4096), (7, 32, 7)):
+        batched = dedup.signatures(texts, num_perm=num_perm, shingle_size=size, block=block)
+        single = np.stack([dedup.signature(t, num_perm=num_perm, shingle_size=size) for t in texts])
+        assert batched.dtype == np.uint32 and (batched == single).all()
+        bands = dedup.band_keys_of(batched, 4, num_perm // 4)
+        assert (bands == np.stack([dedup.band_keys(s, 4, num_perm // 4) for s in single])).all()
+    assert dedup.signatures([], num_perm=16, shingle_size=5).shape == (0, 16)
