@@ -58,6 +58,21 @@ def _powers(length: int) -> np.ndarray:
     return _POWERS[:length]
 
 
+_INVERSE = np.uint64(pow(1_000_003, -1, 1 << 64))  # BASE * _INVERSE == 1 (mod 2**64)
+_INVERSE_POWERS = np.cumprod(np.r_[np.uint64(1), np.full((1 << 12) - 1, _INVERSE, dtype=np.uint64)],
+                             dtype=np.uint64)
+
+
+def _inverse_powers(length: int) -> np.ndarray:
+    """BASE**0 .. BASE**-(length - 1) (mod 2**64), from a table that grows by doubling."""
+    global _INVERSE_POWERS
+    if length > len(_INVERSE_POWERS):
+        size = 1 << (length - 1).bit_length()
+        _INVERSE_POWERS = np.cumprod(np.r_[np.uint64(1), np.full(size - 1, _INVERSE, dtype=np.uint64)],
+                                     dtype=np.uint64)
+    return _INVERSE_POWERS[:length]
+
+
 def shingles(text: str, size: int) -> np.ndarray:
     """64-bit hashes of the distinct runs of ``size`` consecutive words (order-aware), all in numpy.
 
@@ -138,11 +153,11 @@ def signatures(texts: list[str], *, num_perm: int, shingle_size: int, block: int
         return out
     word_bytes = data[inside].astype(np.uint64)
     starts = np.flatnonzero(begins[inside])
-    lengths = np.empty_like(starts)
-    lengths[:-1] = starts[1:] - starts[:-1]
-    lengths[-1] = len(word_bytes) - starts[-1]
-    position = np.arange(len(word_bytes)) - np.repeat(starts, lengths)
-    word_hash = _mix(np.add.reduceat(word_bytes * _powers(len(word_bytes))[position], starts))
+    # A word's hash sums byte * BASE**(place in word + 1). With every byte weighted by BASE**(place in the chunk
+    # + 1) instead, a word's sum is BASE**start times its hash, and BASE is odd, so invertible mod 2**64: one
+    # multiplication per word by BASE**-start gives the same hash with no per-byte gather.
+    summed = np.add.reduceat(word_bytes * _powers(len(word_bytes)), starts)
+    word_hash = _mix(summed * _inverse_powers(len(word_bytes))[starts])
     count = len(word_hash)
     grams = np.zeros(count - shingle_size + 1, dtype=np.uint64)
     for j in range(shingle_size):  # as in shingles(): word hash times the multiplier of its place
