@@ -170,9 +170,11 @@ def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[
         bands = dedup.band_keys_of(sigs, settings["bands"], settings["rows"])
     per_unit = np.fromiter((len(samples) for _, samples in units), dtype=np.int32, count=n)
     samples = [sample for _, unit_samples in units for sample in unit_samples]
+    lines = [_line(sample.input_ids, sample.labels) for sample in samples]
     with open(shard, "wb") as handle:
-        handle.write(b"".join([_line(sample.input_ids, sample.labels) for sample in samples]))
+        handle.write(b"".join(lines))
     return {"exact": exact, "bands": bands, "sigs": sigs, "per_unit": per_unit,
+            "sizes": np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)),  # bytes of each line
             "lengths": np.fromiter((len(s.input_ids) for s in samples), dtype=np.int32, count=len(samples)),
             "trainable": np.fromiter((s.trainable for s in samples), dtype=np.int32, count=len(samples))}
 

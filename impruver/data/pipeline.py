@@ -310,8 +310,9 @@ class _Collector:
         self.names = names
         self.counts = {n: convert.new_counts() for n in names}
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("exact", "bands", "per_unit", "lengths",
-                                                                   "trainable", "source")}
+                                                                   "trainable", "source", "sizes")}
         self.shards: list[str] = []
+        self.shard_samples: list[int] = []  # samples (lines) in each shard
         self.num_perm = num_perm
         self.sig_path = work / "signatures.u32"
         self.sig_file = self.sig_path.open("wb")
@@ -320,13 +321,14 @@ class _Collector:
         counts = self.counts[result["source"]]
         for key, value in result["counts"].items():
             counts[key] += value
-        for key in ("exact", "per_unit", "lengths", "trainable"):
+        for key in ("exact", "per_unit", "lengths", "trainable", "sizes"):
             self.parts[key].append(result[key])
         if result["bands"] is not None:
             self.parts["bands"].append(result["bands"])
             self.sig_file.write(result["sigs"].tobytes())
         self.parts["source"].append(np.full(len(result["exact"]), self.names.index(result["source"]), np.int32))
         self.shards.append(shard)
+        self.shard_samples.append(len(result["sizes"]))
 
     def finish(self) -> dict[str, Any]:
         self.sig_file.close()
@@ -335,7 +337,8 @@ class _Collector:
         signatures = None
         if self.parts["bands"] and units:
             signatures = np.memmap(self.sig_path, dtype=np.uint32, mode="r", shape=(units, self.num_perm))
-        return {**flat, "signatures": signatures, "counts": self.counts, "shards": self.shards, "names": self.names}
+        return {**flat, "signatures": signatures, "counts": self.counts, "shards": self.shards,
+                "shard_samples": self.shard_samples, "names": self.names}
 
 
 def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -379,16 +382,31 @@ def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], 
     sample_unit = np.repeat(np.arange(len(collected["per_unit"])), collected["per_unit"])  # (samples,)
     to_val = decisions["val"][sample_unit]
     copies = decisions["repeats"][sample_unit]
+    # Each shard is read whole and copied in runs of consecutive lines that go to the same place (line byte
+    # sizes come from the workers); only lines repeated by a weight are written one by one.
+    ends = np.cumsum(collected["sizes"])  # (samples,) end of each line in its shard's bytes, plus earlier shards
     with (work / "train.jsonl").open("wb") as train, (work / "val.jsonl").open("wb") as val:
-        position = 0
-        for shard in collected["shards"]:
+        first = 0  # the shard's first sample
+        for shard, count in zip(collected["shards"], collected["shard_samples"]):
+            if not count:
+                continue
             with open(shard, "rb") as handle:
-                for line in handle:
-                    if to_val[position]:
-                        val.write(line)
-                    elif copies[position]:
-                        train.write(line * int(copies[position]))
-                    position += 1
+                data = memoryview(handle.read())
+            base = int(ends[first - 1]) if first else 0
+            stop = ends[first:first + count] - base  # (count,) end of each line in ``data``
+            where = np.where(to_val[first:first + count], -1, copies[first:first + count])  # -1: validation
+            edges = np.flatnonzero(where[1:] != where[:-1]) + 1
+            for a, b in zip(np.r_[0, edges], np.r_[edges, count]):
+                start, end = (int(stop[a - 1]) if a else 0), int(stop[b - 1])
+                if where[a] == -1:
+                    val.write(data[start:end])
+                elif where[a] == 1:
+                    train.write(data[start:end])
+                elif where[a] > 1:
+                    for k in range(a, b):
+                        line = data[(int(stop[k - 1]) if k else 0):int(stop[k])]
+                        train.write(bytes(line) * int(where[a]))
+            first += count
     lengths, trainable = collected["lengths"], collected["trainable"]
     return {"train": _stats(np.repeat(lengths, copies), np.repeat(trainable, copies)),
             "val": _stats(lengths[to_val], trainable[to_val])}
