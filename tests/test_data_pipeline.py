@@ -346,3 +346,20 @@ def test_hub_sources_go_through_datasets_load_dataset(tmp_path, monkeypatch):
     assert calls and all(c == ("IlyaGusev/ru_turbo_saiga", None, {"split": "train[:5]", "revision": None})
                          for c in calls)
     assert json.loads(result.report_path.read_text())["sources"]["saiga"]["loaded"] == 5
+
+
+def test_empty_chunks_and_weighted_copies_are_written_in_order(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n" * 3, encoding="utf-8")  # a chunk with no sample: an empty shard
+    sources = {"broken": {"path": str(broken), "format": "openai"},
+               "chats": {"path": str(write_jsonl(tmp_path / "chats.jsonl", [chat(i) for i in range(30)])),
+                         "format": "openai", "weight": 3.0}}
+    result = pipeline.compose(demo_plan(tmp_path, sources, on_error="skip"))
+    assert result.report["sources"]["broken"]["invalid"] == {"broken_json": 3}
+    train = result.train_path.read_bytes().splitlines(keepends=True)
+    val = result.val_path.read_bytes().splitlines(keepends=True)
+    assert len(train) % 3 == 0 and all(train[i] == train[i + 1] == train[i + 2] for i in range(0, len(train), 3))
+    distinct = train[::3]
+    assert len(set(distinct)) == len(distinct) and not set(distinct) & set(val)
+    assert len(distinct) + len(val) == 30 and result.report["train"]["samples"] == len(train)
+    assert all(line.endswith(b"}\n") and json.loads(line)["input_ids"] for line in train + val)
