@@ -15,7 +15,7 @@ the work is real). The tokenizer is GPT-2's with impruver's saiga template. Prin
 
 Measured 2026-11-27 on the shared 2-core dev machine, 100k records (104 MB), `--repeat 2` (best of 2), with
 ``HF_HUB_OFFLINE=1 python bench/compose.py --records 100000 --repeat 2``. The load average (1 minute) was
-1.9-2.0 at the start and end of the final runs, most of it the benchmark's own two busy processes:
+1.1-2.0 at the start and end of the final runs, most of it the benchmark's own two busy processes:
 
 | run | load | near-dup on | near-dup off | bare tokenizer | ratio off/bare |
 |---|---|---|---|---|---|
@@ -23,9 +23,11 @@ Measured 2026-11-27 on the shared 2-core dev machine, 100k records (104 MB), `--
 | from CPU time, 23:46 | | 3995 rec/s | 4252 rec/s | 6373 rec/s | 0.667 |
 | wall clock, 23:49 | 1.9-2.0 | 3923 rec/s, 4.08 MB/s | 4258 rec/s, 4.43 MB/s | 6154 rec/s | 0.692 |
 | from CPU time, 23:49 | | 4247 rec/s | 4418 rec/s | 6640 rec/s | 0.665 |
+| wall clock, 23:53 | 1.1-1.9 | 4135 rec/s, 4.30 MB/s | 4350 rec/s, 4.52 MB/s | 6126 rec/s | 0.710 |
+| from CPU time, 23:53 | | 4462 rec/s | 4511 rec/s | 6625 rec/s | 0.681 |
 
 Targets (issue 3): >= 3000 rec/s with near-dup on, >= 0.5x the bare tokenizer with near-dup off: both met, by
-wall clock and by CPU time. Worker peak memory 738-746 MB. Before the speed work (same day, 23:12 and 23:24,
+wall clock and by CPU time. Worker peak memory 734-746 MB. Before the speed work (same day, 23:12 and 23:24,
 load 1.5-3.4): near-dup on 1402-2310 rec/s wall (2779-2822 from CPU time), off 1748-1752 rec/s, ratio
 0.44-0.65 wall / 0.59-0.60 CPU. The fast tokenizer is now about two thirds of a worker's time; the rest is
 rendering (Jinja), MinHash, masks, parsing and writing. On a loaded machine the wall-clock figures drop with
