@@ -34,7 +34,10 @@ HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help"
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 # impruver's own stage flags (name -> takes a value).
 STAGE_FLAGS = {"--config": True, "--prompt": True, "--inspect": True, "--force": False, "--dest": True,
-               "--yaml": False, "--report-to": True, "--plan": True}
+               "--yaml": False, "--report-to": True}
+# The flags each stage takes (besides --config): its recipe's keyword arguments.
+STAGE_OPTIONS = {"main": {"force"}, "train": {"force"}, "compose": {"force", "inspect"}, "chat": {"prompt"},
+                 "serve": set(), "export": {"dest"}}
 
 
 @dataclass
@@ -197,6 +200,16 @@ def cmd_plan(args: Args) -> int:
 
 def launch(stage: str, args: Args) -> int:
     """Validate every job first, then hand the command line to Hydra, which calls the stage per job."""
+    report_to = args.flags.pop("report_to", None) if stage in ("main", "train") else None
+    if report_to:  # --report-to=wandb (the recipe catalogue's finetune flag) is train.report_to=[wandb]
+        args.overrides.append(f"train.report_to=[{report_to}]")
+    options = {k: v for k, v in args.flags.items() if k != "config"}
+    unknown = sorted(set(options) - STAGE_OPTIONS[stage])
+    if unknown:
+        valid = sorted(f"--{o}" for o in STAGE_OPTIONS[stage] | {"config"})
+        name = "impruver" if stage == "main" else f"impruver {stage}"
+        raise ConfigError([Problem(f"--{o.replace('_', '-')}", f"{name} takes no such flag; valid: "
+                                   f"{', '.join(valid)}") for o in unknown])
     config_file, overrides = config_source(args)
     extra: list[str] = ["hydra.run.dir=."]
     if not args.informational:
@@ -214,7 +227,6 @@ def launch(stage: str, args: Args) -> int:
     config_name = PRIMARY
     if config_file:
         config_path, config_name = str(Path(config_file).parent.resolve()), Path(config_file).stem
-    options = {k: v for k, v in args.flags.items() if k != "config"}
     task = _task(stage, options, config_file)
     saved = sys.argv
     sys.argv = ["impruver", *args.hydra, *hydra_settings(), *extra, *overrides]
@@ -315,9 +327,6 @@ def cmd_run(argv: list[str]) -> int:
     args = split_args(rest)
     if "config" not in args.flags and args.overrides and _looks_like_config(args.overrides[0]):
         args.flags["config"] = args.overrides.pop(0)  # impruver run chat ./my.yaml
-    report_to = args.flags.pop("report_to", None)
-    if report_to:
-        args.overrides.append(f"train.report_to=[{report_to}]")
     return launch(RECIPES[recipe], args)
 
 

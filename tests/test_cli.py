@@ -51,6 +51,8 @@ def test_plan_prints_the_validated_plan(capsys: pytest.CaptureFixture[str]) -> N
     (["plan", "model=rugpt3lage"], ["rugpt3large"]),
     (["-m", "train.lr=1e-3,abc"], ["train.lr", "abc"]),
     (["train", "--promt", "x"], ["--prompt"]),
+    (["chat", "--inspect", "3"], ["impruver chat takes no such flag", "--prompt"]),
+    (["--yaml"], ["impruver takes no such flag", "--force"]),
     (["run", "finetun"], ["finetune"]),
     (["run", "finetune", "--config", "ruGPT-3.5/13B_lora_saiga"], ["ruGPT-3.5/13B_lora_saiga2"]),
 ])
@@ -106,8 +108,8 @@ def test_run_form_maps_to_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert cli.main(["run", "chat", str(cfg)]) == 0
     assert cli.main(["run", "compose_dataset", "--config", "demo"]) == 0
     (stage, args), (chat_stage, chat_args), (compose_stage, _) = seen
-    assert stage == "main" and args.flags["config"] == "demo"
-    assert "train.report_to=[wandb]" in args.overrides and "train.lr=1e-3" in args.overrides
+    assert stage == "main" and args.flags["config"] == "demo" and args.flags["report_to"] == "wandb"
+    assert "train.lr=1e-3" in args.overrides
     assert chat_stage == "chat" and chat_args.flags["config"] == str(cfg)
     assert compose_stage == "compose"
 
@@ -115,6 +117,10 @@ def test_run_form_maps_to_stages(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_report_to_reaches_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "run", "finetune", "--config", "demo", "--report-to=wandb", "--cfg", "job")
     assert code == 0 and yaml.safe_load(out)["train"]["report_to"] == ["wandb"]
+    code, out, _ = run_cli(capsys, "--report-to", "tensorboard", "--cfg", "job")
+    assert code == 0 and yaml.safe_load(out)["train"]["report_to"] == ["tensorboard"]
+    code, _, err = run_cli(capsys, "chat", "--report-to=wandb")
+    assert code == 2 and "impruver chat takes no such flag" in err
 
 
 def test_hydra_info_and_help(capsys: pytest.CaptureFixture[str]) -> None:
