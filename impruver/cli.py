@@ -13,7 +13,6 @@ Configuration errors are reported all at once with exit status 2, never a traceb
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -87,22 +87,18 @@ class Session:
 # -- the stage -------------------------------------------------------------------------------------------------
 
 
-def run(plan: Plan, *, prompt: str | None = None, **flags: Any) -> int:
-    """`impruver chat`: load ``plan.output_dir`` and talk to it.
+def run(plan: Plan, *, prompt: str | None = None) -> int:
+    """`impruver chat`: load ``plan.output_dir`` and talk to it (the command line refuses other stages' flags).
 
     Args:
         plan: the validated plan; ``plan.chat`` holds the generation settings.
         prompt: one message to answer (``--prompt``); the reply is printed and the command ends.
-        flags: command-line flags of other stages (--force...), refused with a clear message.
 
     Returns:
         0 (problems raise :class:`~impruver.errors.RunError`, exit status 2).
     """
     from impruver.chat.load import locate, quiet_libraries, seed
 
-    if flags:
-        raise RunError(f"`impruver chat` takes no {', '.join('--' + f for f in flags)}; its only flag is --prompt "
-                       f"(generation settings are chat.* overrides)")
     locate(plan.output_dir, model_path=plan.model.path)  # a missing model fails before torch is imported
     quiet_libraries()
     try:

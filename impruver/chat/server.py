@@ -396,21 +396,17 @@ def make_server(loaded: Any, chat: ChatSpec, *, host: str, port: int) -> Threadi
 # -- the stage -------------------------------------------------------------------------------------------------
 
 
-def run(plan: Plan, **flags: Any) -> int:
+def run(plan: Plan) -> int:
     """`impruver serve`: load ``plan.output_dir`` and answer OpenAI-style requests until Ctrl+C.
 
     Args:
         plan: the validated plan; ``plan.chat`` gives the host, port and default generation settings.
-        flags: command-line flags of other stages (--prompt...), refused with a clear message.
 
     Returns:
         0 after Ctrl+C (problems raise :class:`~impruver.errors.RunError`, exit status 2).
     """
     from impruver.chat.load import chat_settings, load, locate, quiet_libraries, seed
 
-    if flags:
-        raise RunError(f"`impruver serve` takes no {', '.join('--' + f for f in flags)}; it is configured with "
-                       f"chat.host=, chat.port= and the other chat.* settings")
     locate(plan.output_dir, model_path=plan.model.path)  # fail before importing torch
     quiet_libraries()
     loaded = load(plan)
