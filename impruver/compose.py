@@ -19,7 +19,7 @@ from hydra import initialize_config_dir, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -63,8 +63,7 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
     with _initialized(config_file):
         parsed, problems = parse_overrides(overrides)
         group_overrides = [o for o in parsed if _is_group(o)]
-        if not config_file and not any(o.key_or_group in GROUPS for o in group_overrides):
-            # No group chosen (`impruver`, `impruver train.lr=1e-3`): the demo preset.
+        if _default_preset_applies(parsed, config_file):
             group_overrides += parse_overrides([f"preset={DEFAULT_PRESET}"])[0]
         value_overrides = [o for o in parsed if not _is_group(o)]
         problems += [p for o in group_overrides if (p := _check_choice(o)) is not None]
@@ -110,8 +109,7 @@ def for_hydra(overrides: Sequence[str], added_keys: frozenset[str], *, config_fi
     """Overrides as Hydra's app must get them: keys absent from the YAML become ``++key=value``, and with no
     group chosen at all (``impruver``, ``impruver train.lr=1e-3``) the demo preset is selected, as in compose()."""
     parsed, _ = parse_overrides(overrides)
-    out = [] if config_file or any(_is_group(o) and o.key_or_group in GROUPS for o in parsed) else \
-        [f"preset={DEFAULT_PRESET}"]
+    out = [f"preset={DEFAULT_PRESET}"] if _default_preset_applies(parsed, config_file) else []
     for o in parsed:
         plain = o.input_line and not o.input_line.startswith(("+", "~"))
         out.append(f"++{o.input_line}" if plain and o.key_or_group in added_keys else o.input_line)
@@ -137,16 +135,6 @@ def list_options(group: str, *, config_file: str | None = None) -> list[str]:
     """Every option of a config group, nested ones as ``sub/name`` (presets: ``ruGPT-3.5/13B_lora_saiga2``)."""
     with _initialized(config_file):
         return _options(group)
-
-
-def option_file(group: str, option: str) -> str:
-    """The YAML text of one group option (``preset``, ``ruGPT-3.5/13B_lora_saiga2``)."""
-    with _initialized(None):
-        repo = GlobalHydra.instance().config_loader().repository
-        loaded = repo.load_config(f"{group}/{option}")
-        if loaded is None:
-            raise ConfigError([Problem(group, f"no option '{option}'; {choices_hint(option, _options(group))}")])
-        return OmegaConf.to_yaml(loaded.config)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -205,6 +193,11 @@ def _options(group: str) -> list[str]:
     return sorted(set(found))
 
 
+def _default_preset_applies(parsed: Sequence[Override], config_file: str | None) -> bool:
+    """No group chosen and no config file (`impruver`, `impruver train.lr=1e-3`): the demo preset."""
+    return not config_file and not any(_is_group(o) and o.key_or_group in GROUPS for o in parsed)
+
+
 def _is_group(o: Override) -> bool:
     key = o.get_key_element().lstrip("+~")
     return "@" not in key and (key in GROUPS or key.startswith("hydra/"))
@@ -248,5 +241,5 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 or lines[0].endswith(".") else f"{lines[0]} {lines[1]}"
 
 
-__all__ = ["Composed", "compose", "expand_sweeps", "for_hydra", "list_options", "option_file", "parse_overrides",
-           "OverrideType"]
+__all__ = ["Composed", "compose", "expand_sweeps", "for_hydra", "list_options", "option_providers",
+           "parse_overrides"]

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from impruver import registry
-from impruver.errors import ConfigError, Problem, RegistryError, choices_hint, closest
+from impruver.errors import ConfigError, Problem, choices_hint
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.yaml"
@@ -708,5 +708,5 @@ def _short(value: Any) -> str:
 __all__ = [
     "ArchSpec", "ChatSpec", "DatasetSpec", "DedupSpec", "HardwareSpec", "LoraSpec", "MemoryEstimate",
     "MethodSpec", "ModelSpec", "Plan", "QuantizationSpec", "SourceSpec", "TokenizerSpec", "TrainSpec",
-    "atomic_write_text", "closest", "environment_problems", "load_plan", "make_plan", "redact", "RegistryError",
+    "atomic_write_text", "environment_problems", "load_plan", "make_plan", "redact",
 ]

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-T = TypeVar("T")
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -47,31 +43,9 @@ def progress() -> Progress:
     )
 
 
-def track(items: Iterable[T], *, total: int | None, description: str, every: int = 0) -> Iterator[T]:
-    """Iterate with a progress bar in a terminal, or a log line every ``every`` items (0: none) otherwise."""
-    with progress() as bar:
-        task = bar.add_task(description, total=total, info="")
-        for i, item in enumerate(items, 1):
-            yield item
-            bar.advance(task)
-            if not interactive() and every and i % every == 0:
-                log.info("%s: %d/%s", description, i, total if total is not None else "?")
-
-
 def print_error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
 
 
 def print_warning(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
-
-
-def kv_table(title: str, rows: Iterable[tuple[str, Any]]) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="cyan")
-    table.add_column()
-    for key, value in rows:
-        table.add_row(key, str(value))
-    return table
