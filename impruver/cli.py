@@ -265,48 +265,17 @@ def _task(stage: str, options: dict[str, Any], config_file: str | None) -> Calla
 
 
 def run_stage(stage: str, plan: Any, **options: Any) -> Any:
-    """Run one stage of a validated plan. The recipes are imported only here (they import torch)."""
-    if stage in ("main", "train"):
-        from impruver import launch
+    """See :func:`impruver.jobs.run_stage`."""
+    from impruver.jobs import run_stage as run
 
-        from impruver.train.recipe import run as train
-
-        if launch.needs_launch(plan):
-            # Several processes: compose the data and freeze the plan once, then accelerate starts the workers.
-            from impruver.data.pipeline import ensure_composed
-
-            ensure_composed(plan)
-            plan.write()
-            return launch.spawn(plan)
-        if launch.under_launcher():
-            # `accelerate launch -m impruver ...`: every rank got here; the main one composes and writes once.
-            launch.prepare_ranks(plan)
-            return train(plan, worker=True)
-        return train(plan, **options)
-    if stage == "compose":
-        from impruver.data.pipeline import run as compose_data
-
-        return compose_data(plan, **options)
-    if stage == "chat":
-        from impruver.chat.repl import run as chat
-
-        return chat(plan, **options)
-    if stage == "serve":
-        from impruver.chat.server import run as serve
-
-        return serve(plan, **options)
-    if stage == "export":
-        from impruver.train.export import run as export
-
-        return export(plan, **options)
-    raise ConfigError([Problem("", f"unknown stage '{stage}'; {choices_hint(stage, STAGES)}")])
+    return run(stage, plan, **options)
 
 
 def write_run_summary(plan: Any, result: Any, overrides: list[str]) -> None:
     """``run_summary.json`` in the output folder: what a sweep summary and people read back."""
     import json
 
-    from impruver.plan import atomic_write_text
+    from impruver.files import atomic_write_text
     from impruver.sweep import RUN_SUMMARY
 
     record = {"overrides": overrides, "output_dir": plan.output_dir}
@@ -367,7 +336,7 @@ def cmd_cp(argv: list[str]) -> int:
         raise ConfigError([Problem("cp", f"{target} exists; remove it or choose another destination")])
     composed = compose([f"preset={preset}"])
     from impruver.report import config_file_text
-    from impruver.plan import atomic_write_text
+    from impruver.files import atomic_write_text
 
     atomic_write_text(target, config_file_text(composed.config, preset=preset, dest=str(target)))
     console.print(f"copied preset {preset} to {target}\n  plan it:  impruver plan --config {target}\n"

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from impruver import registry
 from impruver.errors import ConfigError, Problem, choices_hint
+from impruver.files import atomic_write_text
+from impruver.layout import PLAN_FILE
 
 PLAN_VERSION = 1
-PLAN_FILE = "plan.yaml"
 
 # Module names of the architectures impruver knows, for checking LoRA targets before anything loads.
 ARCH_MODULES: dict[str, set[str]] = {
@@ -307,15 +308,6 @@ class Plan(Spec):
     def seq_len(self) -> int:
         """Tokens per training row."""
         return self.train.max_seq_len or self.max_tokens
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a file so that readers see the old one or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def redact(value: Any, key: str = "") -> Any:

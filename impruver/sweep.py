@@ -37,7 +37,7 @@ def collect(sweep_dir: Path) -> dict[str, Any]:
 
 
 def write_summary(sweep_dir: Path) -> dict[str, Any]:
-    from impruver.plan import atomic_write_text
+    from impruver.files import atomic_write_text
 
     summary = collect(sweep_dir)
     atomic_write_text(sweep_dir / SWEEP_SUMMARY, json.dumps(summary, indent=2, ensure_ascii=False))

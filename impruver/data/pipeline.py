@@ -455,7 +455,7 @@ def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], d
 
 def _publish(paths: dict[str, Path], work: Path, report: dict[str, Any]) -> None:
     """Move the outputs into place; the report (which marks them valid) goes last."""
-    from impruver.plan import atomic_write_text
+    from impruver.files import atomic_write_text
 
     paths["report"].unlink(missing_ok=True)
     old = paths["data"] / f".old-tokenizer-{os.getpid()}"

@@ -23,9 +23,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from impruver.record import IGNORE_INDEX
 from impruver.data.messages import TRAINABLE_ROLES, Conversation, Message, RecordError
 
-IGNORE_INDEX = -100
 _PROBE = "IMPRUVER_PROBE_7f3a"  # content of a probe turn; never in real data
 
 

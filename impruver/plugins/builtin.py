@@ -8,3 +8,4 @@ import impruver.data.formats  # noqa: F401  formats: instruct, saiga, sharegpt, 
 import impruver.data.templates  # noqa: F401  chat templates: saiga, zephyr, chatml, ...
 import impruver.data.tokenizers  # noqa: F401  tokenizers: hf, bpe
 import impruver.train.builders  # noqa: F401  models, methods, optimizers, schedulers
+import impruver.strategies  # noqa: F401  distribution strategies: none, ddp, fsdp, deepspeed_zero2/3

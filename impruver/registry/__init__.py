@@ -30,6 +30,8 @@ KINDS = (
     "templates",  # chat templates (Jinja source) by name
     "optimizers",  # parameters -> torch optimizer
     "schedulers",  # optimizer -> LR schedule
+    "families",  # model families: linear modules, LoRA targets, config from `arch`, parameter shapes
+    "strategies",  # distribution strategies: launch arguments, what is sharded, how state is saved
 )
 
 formats = catalogue.create("impruver", "formats", entry_points=True)
@@ -39,6 +41,8 @@ methods = catalogue.create("impruver", "methods", entry_points=True)
 templates = catalogue.create("impruver", "templates", entry_points=True)
 optimizers = catalogue.create("impruver", "optimizers", entry_points=True)
 schedulers = catalogue.create("impruver", "schedulers", entry_points=True)
+families = catalogue.create("impruver", "families", entry_points=True)
+strategies = catalogue.create("impruver", "strategies", entry_points=True)
 
 _REGISTRIES: dict[str, catalogue.Registry] = {
     "formats": formats,
@@ -48,6 +52,8 @@ _REGISTRIES: dict[str, catalogue.Registry] = {
     "templates": templates,
     "optimizers": optimizers,
     "schedulers": schedulers,
+    "families": families,
+    "strategies": strategies,
 }
 
 PLUGIN_GROUP = "impruver_plugins"

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from impruver.errors import DataError
+from impruver.record import IGNORE_INDEX
 
 log = logging.getLogger("impruver")
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def read_samples(path: str | Path, *, max_len: int) -> Samples:
             ids, labs = _parse_line(line, path, line_no)
             if len(ids) > max_len:
                 ids, labs, truncated = ids[:max_len], labs[:max_len], truncated + 1
-            if len(ids) < 2 or not (labs[1:] != IGNORE).any():
+            if len(ids) < 2 or not (labs[1:] != IGNORE_INDEX).any():
                 untrainable += 1  # nothing to predict: the first token is never a target
                 continue
             tokens.append(ids)
@@ -182,7 +182,7 @@ def collate(samples: Samples, rows: list[list[int]], *, pad_id: int, seq_len: in
     longest = max(int(lengths[row].sum()) for row in rows)
     width = seq_len if packed and seq_len else -(-longest // 8) * 8
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for r, row in enumerate(rows):
@@ -201,7 +201,7 @@ def collate(samples: Samples, rows: list[list[int]], *, pad_id: int, seq_len: in
         "position_ids": torch.from_numpy(positions),
         "targets": torch.from_numpy(targets),
         "n_tokens": int(mask.sum()),
-        "n_targets": int((targets != IGNORE).sum()),
+        "n_targets": int((targets != IGNORE_INDEX).sum()),
     }
     if not packed:
         batch["attention_mask"] = torch.from_numpy(mask)

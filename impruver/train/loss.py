@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from impruver.train.data import IGNORE
+from impruver.record import IGNORE_INDEX
 
 HEAD_ONLY_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 
@@ -50,11 +50,11 @@ class TokenLoss(torch.nn.Module):
             logits = out.logits if hasattr(out, "logits") else out  # [batch, length, vocab]
             return _cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_targets)
         hidden = self.model.get_decoder()(**inputs).last_hidden_state  # [batch, length, hidden]
-        keep = flat_targets != IGNORE
+        keep = flat_targets != IGNORE_INDEX
         selected = hidden.reshape(-1, hidden.shape[-1])[keep]  # [targets, hidden]
         logits = self.model.get_output_embeddings()(selected)  # [targets, vocab]
         return _cross_entropy(logits, flat_targets[keep])
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")

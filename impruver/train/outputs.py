@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from impruver.hub import is_local
-from impruver.plan import atomic_write_text
+from impruver.files import atomic_write_text
 
 if TYPE_CHECKING:
     from impruver.plan import Plan

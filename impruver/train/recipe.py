@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from impruver import registry
 from impruver.errors import RunError
-from impruver.plan import atomic_write_text, environment_problems
+from impruver.files import atomic_write_text
+from impruver.plan import environment_problems
 
 if TYPE_CHECKING:
     from impruver.plan import Plan

@@ -1,0 +1,104 @@
+"""The run folder: the one place that names what a run leaves in its ``output_dir``.
+
+Data, training, chat, export and launch all find their files through :class:`RunLayout`, so a file's name is
+spelled once::
+
+    <output_dir>/
+        plan.yaml                 the frozen plan of the last run (what workers and later stages read)
+        data/train.jsonl          composed samples (ids + labels), data/val.jsonl, data/compose_report.json
+        checkpoints/step-00000100 resumable training state
+        metrics.jsonl loss.png run.json run_summary.json README.md
+        base/                     an adapter's randomly initialised base, when it exists nowhere else
+        merged/                   a LoRA adapter merged into its base (impruver export)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PLAN_FILE = "plan.yaml"
+DATA_DIR = "data"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step-"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+RUN_FILE = "run.json"
+RUN_SUMMARY = "run_summary.json"
+SWEEP_SUMMARY = "sweep_summary.json"
+CARD_FILE = "README.md"
+BASE_DIR = "base"
+MERGED_DIR = "merged"
+MULTIRUN_DIR = "multirun"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run folder. Pure path arithmetic: nothing is created or read."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, output_dir: str | os.PathLike[str]) -> RunLayout:
+        return cls(Path(output_dir))
+
+    @property
+    def plan(self) -> Path:
+        return self.root / PLAN_FILE
+
+    @property
+    def data(self) -> Path:
+        return self.root / DATA_DIR
+
+    @property
+    def train_data(self) -> Path:
+        return self.data / "train.jsonl"
+
+    @property
+    def val_data(self) -> Path:
+        return self.data / "val.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    def checkpoint(self, step: int) -> Path:
+        """The folder of the checkpoint after optimizer step ``step`` (zero-padded so names sort by step)."""
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / LOSS_PLOT
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / RUN_FILE
+
+    @property
+    def run_summary(self) -> Path:
+        return self.root / RUN_SUMMARY
+
+    @property
+    def card(self) -> Path:
+        return self.root / CARD_FILE
+
+    @property
+    def base(self) -> Path:
+        return self.root / BASE_DIR
+
+    @property
+    def merged(self) -> Path:
+        return self.root / MERGED_DIR
+
+    @property
+    def multirun(self) -> Path:
+        return self.root / MULTIRUN_DIR
+
+
+__all__ = ["RunLayout", "PLAN_FILE", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "METRICS_FILE", "RUN_SUMMARY",
+           "SWEEP_SUMMARY", "BASE_DIR", "MERGED_DIR"]
