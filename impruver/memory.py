@@ -1,6 +1,6 @@
 """Peak GPU memory per device, estimated from the plan before anything loads.
 
-The model: weights + gradients + optimizer state (sharded by FSDP / DeepSpeed where configured) + activations of
+The model: weights + gradients + optimizer state (sharded where the distribution strategy says so) + activations of
 one micro-batch + logits + a fixed CUDA overhead. Activation bytes per token per layer follow Korthikanti et al.
 (2022) with a memory-efficient attention kernel (no seq^2 term): about 34 x hidden bytes in 16-bit precision,
 and about 2 x hidden bytes with gradient checkpointing (only the layer inputs are kept, one layer is recomputed).
@@ -8,10 +8,9 @@ and about 2 x hidden bytes with gradient checkpointing (only the layer inputs ar
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from impruver.families import Shape, family_named, require_family, shape_of
 
 if TYPE_CHECKING:
     from impruver.plan import ArchSpec, Plan
@@ -26,151 +25,88 @@ BYTES_PER_PARAM_STATE = {  # optimizer state per trainable parameter
     "paged_adamw_8bit": 2.0,
     "sgd": 0.0,
 }
+LEAN_OPTIMIZER = "paged_adamw_8bit"  # proposed when the optimizer state does not fit
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The numbers of an architecture that memory depends on."""
-
-    family: str
-    n_layer: int
-    d: int
-    n_head: int
-    n_kv_head: int
-    ff: int
-    vocab: int
-    positions: int
-    tied: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.d // self.n_head
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of each linear module of one layer, by module name."""
-        d, ff, kv = self.d, self.ff, self.n_kv_head * self.head_dim
-        if self.family == "gpt2":
-            # c_proj appears in attention (d->d) and MLP (ff->d); counted under both names below.
-            return {"c_attn": (d, 3 * d), "c_proj": (d, d), "c_fc": (d, ff), "c_proj_mlp": (ff, d)}
-        return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
-                "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
-
-    def n_params(self) -> int:
-        """Exactly what transformers builds for this shape (checked against the real modules in the tests)."""
-        if self.family == "gpt2":
-            # Conv1D layers with biases; two LayerNorms (weight + bias) per block, one at the end.
-            per_layer = sum(i * o + o for i, o in self.linear_shapes().values()) + 4 * self.d
-            final_norm = 2 * self.d
-            embed = self.vocab * self.d + self.positions * self.d
-        else:
-            # Llama family: no biases (Qwen2 has them on q/k/v); RMSNorm weights only.
-            per_layer = sum(i * o for i, o in self.linear_shapes().values()) + 2 * self.d
-            if self.family == "qwen2":
-                per_layer += self.d + 2 * self.n_kv_head * self.head_dim
-            if self.family == "qwen3":
-                per_layer += 2 * self.head_dim  # q_norm and k_norm
-            final_norm = self.d
-            embed = self.vocab * self.d
-        head = 0 if self.tied else self.vocab * self.d
-        return self.n_layer * per_layer + embed + head + final_norm
-
-    def n_params_non_embedding(self) -> int:
-        """Parameters that take part in the 6N FLOPs per token (position embeddings excluded)."""
-        return self.n_params() - (self.positions * self.d if self.family == "gpt2" else 0)
+def optimizer_bytes(name: str) -> float:
+    """Optimizer state bytes per trainable parameter (a plugin's optimizer: assumed AdamW-like, 8)."""
+    return BYTES_PER_PARAM_STATE.get(name, 8.0)
 
 
 def shape_from_arch(arch: ArchSpec) -> Shape:
-    # The MLP width impruver.train.models builds when n_inner is not given (llama: 8/3 d rounded up to 256).
-    ff = arch.n_inner or (4 * arch.n_embd if arch.family == "gpt2" else 256 * ((int(8 * arch.n_embd / 3) + 255) // 256))
-    return Shape(arch.family, arch.n_layer, arch.n_embd, arch.n_head, arch.n_kv_head or arch.n_head, ff,
-                 arch.vocab_size, arch.n_positions, arch.tie_word_embeddings)
+    """The shape of ``model.arch`` (its family builds it)."""
+    return require_family(arch.family).shape_from_arch(arch)
 
 
 def shape_from_hf_config(config: dict[str, Any]) -> Shape | None:
-    """Read a transformers config.json (gpt2 or llama-family keys)."""
-    kind = config.get("model_type")
-    if kind == "gpt2":
-        d = config["n_embd"]
-        return Shape("gpt2", config["n_layer"], d, config["n_head"], config["n_head"],
-                     config.get("n_inner") or 4 * d, config["vocab_size"], config.get("n_positions", 1024), True)
-    if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        return Shape(kind, config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-                     config.get("num_key_value_heads") or config["num_attention_heads"],
-                     config["intermediate_size"], config["vocab_size"],
-                     config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", False)))
-    return None
+    """The shape of a transformers config.json of a registered family, or None."""
+    family = family_named(config.get("model_type"))
+    return family.shape_from_config(config) if family else None
 
 
 def plan_shape(plan: Plan) -> Shape | None:
     """The architecture of the plan's model, when it is known without loading anything."""
-    if plan.model.arch is not None:
-        return shape_from_arch(plan.model.arch)
-    if plan.model.path and Path(plan.model.path, "config.json").is_file():
-        try:
-            return shape_from_hf_config(json.loads(Path(plan.model.path, "config.json").read_text()))
-        except (KeyError, ValueError, OSError):
-            return None
-    return None
-
-
-def lora_params(shape: Shape, targets: list[str], r: int) -> int:
-    """Trainable parameters of rank-r adapters on the named modules of every layer."""
-    total = 0
-    for name, (fan_in, fan_out) in shape.linear_shapes().items():
-        if name.removesuffix("_mlp") in targets:
-            total += r * (fan_in + fan_out)
-    return total * shape.n_layer
+    return shape_of(plan.model)
 
 
 def default_lora_targets(family: str) -> list[str]:
-    """LoRA targets used when target_modules is 'auto': every linear layer of the blocks."""
-    if family == "gpt2":
-        return ["c_attn", "c_proj", "c_fc"]
-    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """LoRA targets used when target_modules is 'auto': the family's own default."""
+    return list(require_family(family).default_lora_targets)
+
+
+def _with_method(plan: Plan, name: str) -> Plan:
+    """``plan`` trained with method ``name``: its options carried over where they fit (lora -> qlora), else its
+    defaults."""
+    from impruver.components import method_section
+
+    schema = method_section(name)
+    try:
+        section = schema.model_validate({**plan.method.model_dump(), "builder": name})
+    except ValueError:
+        section = schema(builder=name)
+    return plan.model_copy(update={"method": section})
 
 
 def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool | None = None,
              optimizer: str | None = None, method: str | None = None) -> dict[str, float] | None:
     """Per-device peak memory in GiB by component; keyword arguments override the plan (for suggestions)."""
+    from impruver.components import method_of
+    from impruver.strategies import strategy_of
+
     shape = plan_shape(plan)
     if shape is None:
         return None
-    method = method or plan.method.builder
+    if method is not None and method != plan.method.builder:
+        plan = _with_method(plan, method)
     batch = batch_size or plan.train.batch_size
     ckpt = plan.train.gradient_checkpointing if checkpointing is None else checkpointing
-    opt_bytes = BYTES_PER_PARAM_STATE.get(optimizer or plan.train.optimizer, 8.0)
+    opt_bytes = optimizer_bytes(optimizer or plan.train.optimizer)
     n = shape.n_params()
     ranks = plan.hardware.num_processes * plan.hardware.num_machines
-    dist = plan.hardware.distributed
-    shard_params = ranks if dist in ("fsdp", "deepspeed_zero3") else 1
-    shard_grads = ranks if dist in ("fsdp", "deepspeed_zero2", "deepspeed_zero3") else 1
-    shard_opt = ranks if dist != "none" and dist != "ddp" else 1
+    strategy = strategy_of(plan)
+    shards = strategy.shards
+    shard_params = ranks if "params" in shards else 1
+    shard_grads = ranks if "grads" in shards else 1
+    shard_opt = ranks if "optimizer" in shards else 1
     mixed = plan.hardware.mixed_precision != "no"
     half = mixed or plan.model.dtype in ("bfloat16", "float16")
 
-    if method in ("lora", "qlora"):
-        lora = plan.method.lora
-        targets = lora.target_modules if lora and isinstance(lora.target_modules, list) else \
-            default_lora_targets(shape.family)
-        trainable = lora_params(shape, targets, lora.r if lora else 16)
-        if lora and "lm_head" in lora.modules_to_save:
-            trainable += shape.vocab * shape.d
-        quant = plan.method.quantization
-        bits = (quant.bits if quant else 4) if method == "qlora" else 16
-        base_bytes = {4: 0.56, 8: 1.05, 16: 2.0 if half else 4.0}[bits]  # 4-bit: + block scales
-        weights = n * base_bytes + trainable * 4
+    own = method_of(plan).memory(shape, plan)
+    trainable = own.trainable
+    if own.base_bytes_per_param is not None:
+        # A frozen base plus fp32 trainable parameters (adapters), their gradients and optimizer state.
+        weights = n * own.base_bytes_per_param + trainable * 4
         grads = trainable * 4
         opt = trainable * opt_bytes
     else:
-        trainable = n
         # fp32 master weights under mixed precision, plus autocast's 16-bit copy of each weight during the step;
         # without mixed precision the weights (and gradients) live in model.dtype.
         param_bytes = 2.0 if (not mixed and half) else 4.0
-        weights = n * param_bytes / shard_params + (n * 2.0 / shard_params if mixed else 0.0)
-        grads = n * param_bytes / shard_grads
-        if dist == "ddp":
-            grads *= 2  # DDP's gradient buckets hold a second copy
-        opt = n * opt_bytes / shard_opt
+        weights = trainable * param_bytes / shard_params + (trainable * 2.0 / shard_params if mixed else 0.0)
+        grads = trainable * param_bytes / shard_grads
+        if ranks > 1 and not shards:
+            grads *= 2  # data parallel without sharding (DDP): its gradient buckets hold a second copy
+        opt = trainable * opt_bytes / shard_opt
 
     tokens = batch * plan.seq_len
     act_bytes = 2.0 if half else 4.0
@@ -193,9 +129,13 @@ def estimate_memory(plan: Plan) -> Any:
     """The plan's MemoryEstimate (None when the architecture is unknown), with suggestions if it does not fit."""
     from impruver.plan import MemoryEstimate
 
+    from impruver.components import method_of
+
     gib = estimate(plan)
-    if gib is None:
+    shape = plan_shape(plan)
+    if gib is None or shape is None:
         return None
+    trainable = method_of(plan).memory(shape, plan).trainable
     budget = plan.hardware.gpu_memory_gib if plan.hardware.device == "cuda" else None
     fits = None if budget is None else gib["total"] <= budget
     suggestions = suggest(plan, budget) if fits is False else []
@@ -203,7 +143,7 @@ def estimate_memory(plan: Plan) -> Any:
         weights_gib=round(gib["weights"], 2), gradients_gib=round(gib["gradients"], 2),
         optimizer_gib=round(gib["optimizer"], 2), activations_gib=round(gib["activations"], 2),
         overhead_gib=round(gib["overhead"], 2), total_gib=round(gib["total"], 2),
-        budget_gib=budget, fits=fits, suggestions=suggestions,
+        budget_gib=budget, fits=fits, suggestions=suggestions, trainable_params=trainable,
     )
 
 
@@ -219,13 +159,15 @@ def suggest(plan: Plan, budget: float) -> list[str]:
     candidates.append(("train.gradient_checkpointing=true", {"checkpointing": True}))
     candidates.append(("train.gradient_checkpointing=true train.batch_size=1 "
                        f"train.grad_accum={accum * batch}", {"checkpointing": True, "batch_size": 1}))
-    if plan.train.optimizer not in ("adamw_8bit", "paged_adamw_8bit"):
-        candidates.append(("train.optimizer=paged_adamw_8bit train.gradient_checkpointing=true",
-                           {"optimizer": "paged_adamw_8bit", "checkpointing": True}))
-    if plan.method.builder != "qlora":
-        candidates.append(("method=qlora train.gradient_checkpointing=true train.batch_size=1 "
+    if optimizer_bytes(plan.train.optimizer) > optimizer_bytes(LEAN_OPTIMIZER):
+        candidates.append((f"train.optimizer={LEAN_OPTIMIZER} train.gradient_checkpointing=true",
+                           {"optimizer": LEAN_OPTIMIZER, "checkpointing": True}))
+    from impruver.components import method_of
+
+    for lighter in method_of(plan).lighter:  # the methods this one proposes when it does not fit
+        candidates.append((f"method={lighter} train.gradient_checkpointing=true train.batch_size=1 "
                            f"train.grad_accum={accum * batch}",
-                           {"method": "qlora", "checkpointing": True, "batch_size": 1}))
+                           {"method": lighter, "checkpointing": True, "batch_size": 1}))
     for text, kwargs in candidates:
         gib = estimate(plan, **kwargs)
         if gib and gib["total"] <= budget:

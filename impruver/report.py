@@ -44,7 +44,10 @@ def _add(tree: Tree, key: str, value: Any) -> None:
 def render_memory(memory: Any, plan: Any) -> Table:
     budget = f" of {memory.budget_gib:g} GiB ({plan.hardware.name})" if memory.budget_gib else ""
     verdict = "" if memory.fits is None else ("  [green]fits[/]" if memory.fits else "  [red]does not fit[/]")
-    table = Table(title=f"estimated peak GPU memory per device: {memory.total_gib:.1f} GiB{budget}{verdict}",
+    trainable = f", {memory.trainable_params:,} trainable parameters ({plan.method.builder})" \
+        if memory.trainable_params is not None else ""
+    table = Table(title=f"estimated peak GPU memory per device: {memory.total_gib:.1f} GiB{budget}{verdict}"
+                        f"{trainable}",
                   title_justify="left")
     for col in ("weights", "gradients", "optimizer", "activations", "overhead"):
         table.add_column(col, justify="right")

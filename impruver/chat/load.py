@@ -1,4 +1,5 @@
-"""Find and load what a run left in its ``output_dir``: a full model, an exported merged model, or a LoRA adapter.
+"""Find and load what a run left in its ``output_dir``: a full model, an exported merged model, or a peft adapter
+(LoRA, IA3 or any other adapter type peft saves: the folder says what it is, not the method's name).
 
 The folder is checked before anything heavy is imported, so a missing or half-written one (no weights, no
 tokenizer, a training run still writing checkpoints, a truncated safetensors file) gives a clear
@@ -38,6 +39,7 @@ class Found:
     folder: Path
     kind: Kind
     base: str | None = None  # the adapter's base model: a local folder (or a Hub id when online)
+    adapter_type: str | None = None  # peft_type of an adapter's adapter_config.json (LORA, IA3, ...)
     tokenizer_dirs: tuple[Path, ...] = ()  # where to look for the tokenizer, best first
 
 
@@ -57,7 +59,8 @@ class Loaded:
 
     def describe(self) -> str:
         """One line for people: which folder, what kind, on which base."""
-        what = {"full": "model", "merged": "merged model", "adapter": "LoRA adapter"}[self.found.kind]
+        adapter = f"{self.found.adapter_type or 'peft'} adapter"
+        what = {"full": "model", "merged": "merged model", "adapter": adapter}[self.found.kind]
         base = f" on {self.found.base}" if self.found.base else ""
         return f"{what} {self.found.folder}{base} ({self.context_length} tokens of context, {self.device})"
 
@@ -125,7 +128,9 @@ def _adapter(folder: Path, model_path: str | None) -> Found:
     _check_safetensors(weights)
     base = _adapter_base(folder, config, model_path)
     dirs = [folder] + ([Path(base)] if Path(base).is_dir() else [])
-    return Found(folder, "adapter", base=base, tokenizer_dirs=tuple(dirs))
+    kind = config.get("peft_type")
+    return Found(folder, "adapter", base=base, adapter_type=kind if isinstance(kind, str) else None,
+                 tokenizer_dirs=tuple(dirs))
 
 
 def _adapter_base(folder: Path, config: dict[str, Any], model_path: str | None) -> str:
@@ -143,7 +148,7 @@ def _adapter_base(folder: Path, config: dict[str, Any], model_path: str | None) 
     if hub:
         raise hub_unreachable(hub[0], "model", "model.path")
     listed = ", ".join(tried) or "none named"
-    raise RunError(f"{folder} holds a LoRA adapter, but its base model cannot be found (tried: {listed}). "
+    raise RunError(f"{folder} holds an adapter, but its base model cannot be found (tried: {listed}). "
                    f"Set model.path=DIR to the base model folder the adapter was trained on.")
 
 
@@ -221,7 +226,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _nothing_there(folder: Path) -> str:
-    head = (f"{folder} has no model to chat with: no model weights (config.json + model.safetensors), no LoRA "
+    head = (f"{folder} has no model to chat with: no model weights (config.json + model.safetensors), no peft "
             f"adapter (adapter_config.json + adapter_model.safetensors) and no merged export.")
     running = _recently_written(folder)
     if running:
@@ -260,7 +265,7 @@ def _recently_written(folder: Path, within_s: float = 600) -> str:
 
 
 def _train_hint(folder: Path) -> str:
-    return (f"Train a model there with `impruver train output_dir={folder}` (a LoRA adapter can also be merged "
+    return (f"Train a model there with `impruver train output_dir={folder}` (an adapter can also be merged "
             f"into a standalone model with `impruver export`).")
 
 

@@ -97,6 +97,7 @@ def paths_of(plan: Any) -> dict[str, Path]:
 
 def fingerprint(plan: Any) -> str:
     """sha256 of everything the outputs depend on: sources' content, dataset settings, tokenizer, template."""
+    from impruver.components import tokenizer_reads_path
     from impruver.data.templates import resolve_template
 
     tok = plan.tokenizer
@@ -108,7 +109,7 @@ def fingerprint(plan: Any) -> str:
         "max_tokens": plan.max_tokens,
         "tokenizer": tok.model_dump(mode="json"),
         "template": resolve_template(tok.chat_template) if tok.chat_template else None,
-        "tokenizer_files": _folder_digest(tok.path) if tok.builder == "hf" and tok.path else None,
+        "tokenizer_files": _folder_digest(tok.path) if tokenizer_reads_path(tok.builder) and tok.path else None,
         "sources": {name: fingerprint_source(spec, name) for name, spec in plan.sources.items()},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -215,7 +216,9 @@ def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
     """Build the plan's tokenizer (a BPE is trained on the sources' text) and save it for the workers."""
     from impruver.data.tokenizers import build_tokenizer
 
-    texts = _training_texts(plan) if plan.tokenizer.builder == "bpe" else None
+    from impruver.components import tokenizer_needs_texts
+
+    texts = _training_texts(plan) if tokenizer_needs_texts(plan.tokenizer.builder) else None
     tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
     tokenizer.save_pretrained(folder)
     return tokenizer

@@ -11,11 +11,15 @@ transformers and tokenizers are imported inside the functions: registering these
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 from impruver.errors import ConfigError, Problem, RunError
 from impruver.registry import tokenizers
+
+# TokenizerSpec keys handed to a builder whose signature takes them (path, vocab_size, ...).
+SPEC_KEYS = ("path", "trust_remote_code", "class_path", "vocab_size", "min_frequency")
 
 BPE_SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -78,6 +82,10 @@ def bpe_tokenizer(*, texts: Iterable[str], vocab_size: int = 4096, min_frequency
     return PreTrainedTokenizerFast(tokenizer_object=core, **BPE_SPECIAL_TOKENS)
 
 
+hf_tokenizer.needs_texts = False  # type: ignore[attr-defined]  # loaded, not trained
+bpe_tokenizer.needs_texts = True  # type: ignore[attr-defined]  # trained on the composed conversations
+
+
 def _import_class(class_path: str) -> Any:
     module, _, name = class_path.replace(":", ".").rpartition(".")
     try:
@@ -91,28 +99,25 @@ def build_tokenizer(spec: Any, *, texts: Iterable[str] | None = None) -> Any:
 
     Args:
         spec: the plan's :class:`~impruver.plan.TokenizerSpec`.
-        texts: training text for builders that learn a vocabulary (``bpe``).
+        texts: training text for builders that learn a vocabulary (``needs_texts``: bpe).
 
     Raises:
         ConfigError: no chat template anywhere, or an unknown template name.
     """
     from impruver import registry
+    from impruver.components import tokenizer_needs_texts, tokenizer_reads_path
     from impruver.data.templates import resolve_template
 
     builder = registry.lookup("tokenizers", spec.builder)
-    if spec.builder == "bpe":
-        tokenizer = builder(texts=texts or [], vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
-                            **spec.options)
-    elif spec.builder == "hf":
-        if not spec.path:
-            raise ConfigError([Problem("tokenizer.path", "the hf tokenizer needs a path (a folder or Hub id)")])
-        tokenizer = builder(path=spec.path, trust_remote_code=spec.trust_remote_code, class_path=spec.class_path,
-                            **spec.options)
-    else:  # a plugin's builder: its own options, plus the training text if it asks for it
-        import inspect
-
-        takes_texts = "texts" in inspect.signature(builder).parameters
-        tokenizer = builder(**spec.options, **({"texts": texts} if takes_texts else {}))
+    # Every builder gets the spec's keys its signature names, its own options, and (if it is trained on the
+    # data) the training text: a plugin's builder gets exactly what a built-in gets.
+    params = inspect.signature(builder).parameters
+    kwargs = {key: getattr(spec, key) for key in SPEC_KEYS if key in params}
+    if tokenizer_reads_path(spec.builder) and not spec.path:
+        raise ConfigError([Problem("tokenizer.path", f"the {spec.builder} tokenizer needs a path (a folder or Hub id)")])
+    if tokenizer_needs_texts(spec.builder):
+        kwargs["texts"] = texts or []
+    tokenizer = builder(**kwargs, **spec.options)
     if spec.special_tokens:
         tokenizer.add_special_tokens(dict(spec.special_tokens))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

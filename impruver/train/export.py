@@ -1,4 +1,4 @@
-"""``impruver export``: merge a trained LoRA adapter into its base and write a standalone model folder.
+"""``impruver export``: merge a trained peft adapter (LoRA, IA3, a plugin method's) into its base and write a standalone model folder.
 
     impruver export preset=rugpt3large/760M_lora_saiga2                 # -> <output_dir>/merged
     impruver export preset=rugpt3large/760M_lora_saiga2 --dest DIR
@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from impruver.errors import RunError
+from impruver.layout import RunLayout
 
 if TYPE_CHECKING:
     from impruver.plan import Plan
 
 log = logging.getLogger("impruver")
-MERGED_DIR = "merged"
 
 
 def run(plan: Plan, *, dest: str | None = None, **_: Any) -> dict[str, Any]:
@@ -39,11 +39,12 @@ def run(plan: Plan, *, dest: str | None = None, **_: Any) -> dict[str, Any]:
     source = Path(plan.output_dir)
     if not (source / "adapter_config.json").is_file():
         if (source / "config.json").is_file():
-            raise RunError(f"{source} holds a full model, not a LoRA adapter: it is already standalone "
+            raise RunError(f"{source} holds a full model, not an adapter: it is already standalone "
                            "(load it with AutoModelForCausalLM); nothing to merge")
-        raise RunError(f"{source}: no trained adapter here (no adapter_config.json); train first with "
-                       "method=lora, or point output_dir at the run to export")
-    target = Path(dest) if dest else source / MERGED_DIR
+        adapters = ", ".join(_adapter_methods())
+        raise RunError(f"{source}: no trained adapter here (no adapter_config.json); train first with an adapter "
+                       f"method ({adapters}), or point output_dir at the run to export")
+    target = Path(dest) if dest else RunLayout.of(source).merged
     if target.resolve() == source.resolve():
         raise RunError("--dest: choose a folder other than the adapter's own output_dir")
     model, tokenizer = load_merged(source, trust_remote_code=plan.model.trust_remote_code)
@@ -57,6 +58,21 @@ def run(plan: Plan, *, dest: str | None = None, **_: Any) -> dict[str, Any]:
     parameters = sum(p.numel() for p in model.parameters())
     log.info("merged %s into its base: %s parameters written to %s", source, f"{parameters:,}", target)
     return {"source": str(source), "dest": str(target), "parameters": parameters}
+
+
+def _adapter_methods() -> list[str]:
+    """method=NAME choices that train an adapter (asked of each registered method component)."""
+    from impruver import registry
+    from impruver.components import method_named
+
+    found = []
+    for name in registry.names("methods"):
+        try:
+            if method_named(name).adapter:
+                found.append(f"method={name}")
+        except Exception:  # a plugin that fails to load is not a choice
+            continue
+    return found
 
 
 def load_merged(source: Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:

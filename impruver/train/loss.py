@@ -1,7 +1,7 @@
 """The training loss as a module: summed next-token cross-entropy over the target tokens of a batch.
 
-For the causal LMs impruver knows (GPT-2, Llama, Mistral, Qwen2/3: a plain linear head over the last hidden
-state), the output head runs only on the positions that have a target. In chat SFT the prompt turns (often half
+For the causal LMs whose model family says so (``head_on_targets``: GPT-2, Llama, Mistral, Qwen2/3, a plugin's:
+a plain linear head over the last hidden state), the output head runs only on the positions that have a target. In chat SFT the prompt turns (often half
 of the tokens) then cost no head FLOPs and, above all, no logits: the [tokens x vocabulary] logits, their fp32 copy
 and their gradient are the largest activations of small and mid-sized models. Any other model goes through its
 own forward and the full logits.
@@ -18,13 +18,13 @@ import torch
 
 from impruver.record import IGNORE_INDEX
 
-HEAD_ONLY_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
-
-
 def targets_only(model: Any) -> bool:
-    """Whether the head can be applied to selected positions: a known family with decoder and head accessible."""
-    family = getattr(getattr(model, "config", None), "model_type", None)
-    return (family in HEAD_ONLY_FAMILIES and callable(getattr(model, "get_decoder", None))
+    """Whether the head can be applied to selected positions: its family (registry ``families``) says so and the
+    decoder and head are accessible."""
+    from impruver.families import family_of_module
+
+    family = family_of_module(model)
+    return (family is not None and family.head_on_targets and callable(getattr(model, "get_decoder", None))
             and callable(getattr(model, "get_output_embeddings", None)))
 
 

@@ -52,35 +52,17 @@ def attn_implementation(requested: str, *, device: str, dtype: str) -> str:
 
 
 def config_from_arch(arch: ArchSpec, *, vocab_size: int, tokenizer: Any = None) -> Any:
-    """A transformers config of the ``arch`` family with ``vocab_size`` tokens (the tokenizer's size)."""
-    from transformers import AutoConfig
+    """A transformers config of the ``arch`` family with ``vocab_size`` tokens (the tokenizer's size).
+
+    The family (registry ``families``) builds it; the tokenizer's special-token ids go into it when they fit.
+    """
+    from impruver.families import require_family
 
     special = {}
     if tokenizer is not None:
         special = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         special = {k: v for k, v in special.items() if v is not None and v < vocab_size}
-    if arch.family == "gpt2":
-        return AutoConfig.for_model(
-            "gpt2", n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_inner=arch.n_inner,
-            n_positions=arch.n_positions, vocab_size=vocab_size, resid_pdrop=arch.dropout,
-            embd_pdrop=arch.dropout, attn_pdrop=arch.dropout, tie_word_embeddings=arch.tie_word_embeddings,
-            **special,
-        )
-    ff = arch.n_inner or _llama_ff(arch.n_embd)
-    extra: dict[str, Any] = {}
-    if arch.family == "mistral" or (arch.family in ("qwen2", "qwen3") and arch.sliding_window):
-        extra["sliding_window"] = arch.sliding_window
-    return AutoConfig.for_model(
-        arch.family, hidden_size=arch.n_embd, num_hidden_layers=arch.n_layer, num_attention_heads=arch.n_head,
-        num_key_value_heads=arch.n_kv_head or arch.n_head, intermediate_size=ff,
-        max_position_embeddings=arch.n_positions, vocab_size=vocab_size, attention_dropout=arch.dropout,
-        tie_word_embeddings=arch.tie_word_embeddings, rope_theta=arch.rope_theta, **extra, **special,
-    )
-
-
-def _llama_ff(d: int) -> int:
-    """Llama's default MLP width: 8/3 of the hidden width rounded up to a multiple of 256."""
-    return 256 * ((int(8 * d / 3) + 255) // 256)
+    return require_family(arch.family).config_from_arch(arch, vocab_size=vocab_size, special=special)
 
 
 def _from_config(config: Any, *, load: LoadOptions, attn: str, trust_remote_code: bool = False) -> Any:
@@ -176,7 +158,7 @@ def _local_config(spec: ModelSpec, vocab: int | None) -> Any:
 
 @models("arch")
 def arch(*, spec: ModelSpec, tokenizer: Any = None, load: LoadOptions | None = None) -> Any:
-    """A GPT-2, Llama, Mistral or Qwen2/3 model built from ``model.arch`` (vocabulary = the tokenizer's size).
+    """A model of any registered family built from ``model.arch`` (vocabulary = the tokenizer's size).
 
     Given a ``path`` and ``weights: pretrained`` (fine-tuning what an earlier run trained, such as the demo's
     output folder), the weights are loaded from that folder; ``arch`` then only describes the shape.

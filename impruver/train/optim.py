@@ -68,6 +68,9 @@ def paged_adamw_8bit(*, params: Iterable[Any], lr: float, betas: tuple[float, fl
     return _bnb("PagedAdamW8bit")(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
+adamw_8bit.requires = paged_adamw_8bit.requires = ("bitsandbytes",)  # type: ignore[attr-defined]  # probed
+
+
 @optimizers("sgd")
 def sgd(*, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 0.0) -> Any:

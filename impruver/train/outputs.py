@@ -8,8 +8,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from impruver.hub import is_local
+from impruver.components import method_of
 from impruver.files import atomic_write_text
+from impruver.hub import is_local
 
 if TYPE_CHECKING:
     from impruver.plan import Plan
@@ -62,11 +63,7 @@ def write_card(plan: Plan, summary: dict[str, Any]) -> Path:
     model = plan.model.path or (f"{plan.model.arch.family} {plan.model.arch.n_layer} x {plan.model.arch.n_embd}"
                                 if plan.model.arch else plan.model.builder)
     weights = "random weights (trained from scratch)" if plan.model.weights == "random" else "pretrained weights"
-    method = plan.method.builder
-    if plan.method.lora is not None:
-        lora = plan.method.lora
-        method += f" (r={lora.r}, alpha={lora.alpha}, targets={lora.target_modules}"
-        method += f", modules_to_save={lora.modules_to_save})" if lora.modules_to_save else ")"
+    method = describe_method(plan)
     sources = "\n".join(f"  - `{s.path}` (format `{s.format}`"
                         f"{', loss on the whole text' if not s.only_target_loss else ', loss on the assistant turns'})"
                         for s in plan.sources.values())
@@ -76,7 +73,7 @@ def write_card(plan: Plan, summary: dict[str, Any]) -> Path:
                 f"({'packed' if t.packing else 'padded'}), lr {t.lr} ({t.scheduler}, {t.warmup_steps} warmup), "
                 f"optimizer {t.optimizer}, mixed precision {plan.hardware.mixed_precision}")
     best = f" (best at step {summary['best_step']})" if summary.get("best_step") else ""
-    adapter = plan.method.builder in ("lora", "qlora")
+    adapter = method_of(plan).adapter
     load = ("from peft import AutoPeftModelForCausalLM\n"
             f"model = AutoPeftModelForCausalLM.from_pretrained({plan.output_dir!r})"
             if adapter else
@@ -109,6 +106,24 @@ tokenizer = AutoTokenizer.from_pretrained({plan.output_dir!r})
     target = Path(plan.output_dir) / "README.md"
     atomic_write_text(target, text)
     return target
+
+
+def describe_method(plan: Plan) -> str:
+    """``lora (r=16, alpha=16, target_modules=auto, ...)``: the method and its options, for people."""
+    options = plan.method.model_dump(mode="json", exclude={"builder"})
+    flat = _flatten(options)
+    return f"{plan.method.builder} ({', '.join(f'{k}={v}' for k, v in flat.items())})" if flat else plan.method.builder
+
+
+def _flatten(options: dict[str, Any]) -> dict[str, Any]:
+    """Nested option groups flattened one level (``lora: {r: 16}`` -> ``r=16``); empty lists left out."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if v != []})
+        elif value != []:
+            flat[key] = value
+    return flat
 
 
 def _fmt(value: Any) -> str:

@@ -63,7 +63,7 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     from impruver.train import checkpoint as ckpt
     from impruver.train.data import Batches, make_rows, read_samples
     from impruver.train.loss import TokenLoss
-    from impruver.train.methods import ADAPTER_METHODS, load_options
+    from impruver.components import method_of
     from impruver.train.metrics import MetricsWriter, format_line, plot_loss
     from impruver.train.optim import param_groups
     from impruver.train.outputs import base_needs_saving, save_base, save_model, write_card
@@ -100,13 +100,14 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     # 3. Seed, tokenizer, model, method.
     set_seed(train_spec.seed)
     tokenizer = pipeline.load_composed_tokenizer(plan)
-    load = load_options(method=plan.method, model=plan.model, hardware=plan.hardware)
+    method = method_of(plan)
+    load = method.load_options(plan)
     model = registry.lookup("models", plan.model.builder)(spec=plan.model, tokenizer=tokenizer, load=load,
                                                          **plan.model.options)
-    adapter = plan.method.builder in ADAPTER_METHODS
+    adapter = method.adapter
     if adapter and main and base_needs_saving(plan):
         save_base(model, plan.output_dir)  # random-weight base: the adapter needs it to load later
-    model = registry.lookup("methods", plan.method.builder)(spec=plan.method, model=model, **plan.method.options)
+    model = method.apply(model, plan)
     config = getattr(model, "config", None)
     saved_pad_id = getattr(config, "pad_token_id", None)
     if config is not None:
