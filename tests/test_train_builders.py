@@ -12,7 +12,8 @@ from test_train_support import GPT2_ARCH, LLAMA_ARCH, make_tokenizer
 
 from impruver import registry
 from impruver.errors import RunError
-from impruver.plan import ArchSpec, LoraSpec, MethodSpec, ModelSpec
+from impruver.plan import ArchSpec, ModelSpec
+from impruver.train.methods import LoraSpec
 
 
 class TinyLM(torch.nn.Module):
@@ -112,8 +113,7 @@ def test_custom_class_by_explicit_path(tok) -> None:
                                                         "up_proj", "down_proj"})])
 def test_lora_auto_targets_per_architecture(tok, arch, targets) -> None:
     model = registry.lookup("models", "arch")(spec=ModelSpec(builder="arch", arch=ArchSpec(**arch)), tokenizer=tok)
-    spec = MethodSpec(builder="lora", lora=LoraSpec(r=4, use_rslora=True, use_dora=True))
-    peft_model = registry.lookup("methods", "lora")(spec=spec, model=model)
+    peft_model = registry.lookup("methods", "lora").wrap(model, LoraSpec(r=4, use_rslora=True, use_dora=True))
     config = peft_model.peft_config["default"]
     assert set(config.target_modules) == targets
     assert config.fan_in_fan_out == (arch["family"] == "gpt2")  # GPT-2's Conv1D stores weights transposed
@@ -126,8 +126,7 @@ def test_lora_with_a_module_the_model_lacks_is_a_run_error(tok) -> None:
     model = registry.lookup("models", "arch")(spec=ModelSpec(builder="arch", arch=ArchSpec(**GPT2_ARCH)),
                                               tokenizer=tok)
     with pytest.raises(RunError, match="method.lora"):
-        registry.lookup("methods", "lora")(spec=MethodSpec(builder="lora", lora=LoraSpec(target_modules=["q_proj"])),
-                                           model=model)
+        registry.lookup("methods", "lora").wrap(model, LoraSpec(target_modules=["q_proj"]))
 
 
 def test_optimizers_decay_only_matrices_and_8bit_needs_bitsandbytes(tok) -> None:

@@ -82,15 +82,13 @@ def _full_logits_loss(model, batch) -> torch.Tensor:
 @pytest.mark.parametrize("arch", [GPT2_ARCH, LLAMA_ARCH], ids=["gpt2", "llama"])
 def test_head_on_target_positions_only_gives_the_full_logits_loss_and_gradients(tmp_path: Path, arch: dict,
                                                                                  method: str) -> None:
-    from impruver.plan import LoraSpec, MethodSpec
-    from impruver.train.methods import lora
+    from impruver.train.methods import Lora, LoraSpec
 
     samples = read_samples(write_jsonl(tmp_path / "d.jsonl", synthetic_rows(6, vocab=320, seed=5)), max_len=64)
     batch = collate(samples, make_rows(samples, seq_len=64, packing=True), pad_id=0, seq_len=64, packed=True)
     model = _model(arch, "sdpa").model.train()
     if method == "lora":
-        model = lora(spec=MethodSpec(builder="lora", lora=LoraSpec(r=4, dropout=0.0, modules_to_save=["lm_head"])),
-                     model=model)
+        model = Lora().wrap(model, LoraSpec(r=4, dropout=0.0, modules_to_save=["lm_head"]))
         torch.nn.init.normal_(next(p for n, p in model.named_parameters() if "lora_B" in n))
     wrapped = TokenLoss(model)
     assert wrapped.head_on_targets
