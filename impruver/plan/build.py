@@ -17,7 +17,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from impruver import registry
-from impruver.components import tokenizer_needs_texts, tokenizer_reads_path
 from impruver.errors import ConfigError, Problem, choices_hint
 from impruver.families import local_config
 from impruver.plan.schema import (ChatSpec, DatasetSpec, HardwareSpec, MethodSpec, ModelSpec, Plan, Spec, TokenizerSpec,
@@ -262,6 +261,8 @@ def _is_inline_template(value: str) -> bool:
 
 def _check_rules(sections: dict[str, Any]) -> list[Problem]:
     """Contradictions between sections, found before anything loads."""
+    from impruver.components import tokenizer_needs_texts, tokenizer_reads_path
+
     model: ModelSpec = sections["model"]
     tok: TokenizerSpec = sections["tokenizer"]
     hw: HardwareSpec = sections["hardware"]
@@ -309,6 +310,8 @@ def _check_rules(sections: dict[str, Any]) -> list[Problem]:
 
 def _tokenizer_has_template(tok: TokenizerSpec) -> bool:
     """False only when we know there is none: a local tokenizer folder without one, or one trained on the data."""
+    from impruver.components import tokenizer_needs_texts, tokenizer_reads_path
+
     if tokenizer_needs_texts(tok.builder):
         return False  # trained here: it starts with no template
     if not tokenizer_reads_path(tok.builder) or not tok.path or not Path(tok.path).is_dir():
