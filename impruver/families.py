@@ -49,10 +49,11 @@ class Shape:
     vocab: int
     positions: int  # context length
     tied: bool  # input embedding and output head share one matrix
+    head_size: int | None = None  # per-head width when the config sets it apart from d / n_head (Qwen3: 128)
 
     @property
     def head_dim(self) -> int:
-        return self.d // self.n_head
+        return self.head_size or self.d // self.n_head
 
     @property
     def component(self) -> ModelFamily:
@@ -236,11 +237,13 @@ class Llama:
         return Shape(self.name, config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
                      config.get("num_key_value_heads") or config["num_attention_heads"],
                      config["intermediate_size"], config["vocab_size"],
-                     config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", False)))
+                     config.get("max_position_embeddings", 2048), bool(config.get("tie_word_embeddings", False)),
+                     config.get("head_dim"))
 
     def linears(self, shape: Shape) -> list[tuple[str, int, int]]:
-        d, ff, kv = shape.d, shape.ff, shape.n_kv_head * shape.head_dim
-        return [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d),
+        # Queries and outputs span n_head x head_dim (= d unless the config sets head_dim apart, as Qwen3 does).
+        d, ff, q, kv = shape.d, shape.ff, shape.n_head * shape.head_dim, shape.n_kv_head * shape.head_dim
+        return [("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d),
                 ("gate_proj", d, ff), ("up_proj", d, ff), ("down_proj", ff, d)]
 
     def layer_extra(self, shape: Shape) -> int:
@@ -282,6 +285,10 @@ class Qwen3(Qwen2):
     """Qwen3: Llama's layers with RMSNorm on queries and keys (per head), no q/k/v biases."""
 
     name = "qwen3"
+
+    def arch_extra(self, arch: ArchSpec) -> dict[str, Any]:
+        # transformers' Qwen3 default head_dim is 128 whatever the width; `arch` means d / n_head per head.
+        return {**super().arch_extra(arch), "head_dim": arch.n_embd // arch.n_head}
 
     def layer_extra(self, shape: Shape) -> int:
         return 2 * shape.head_dim  # q_norm and k_norm

@@ -20,6 +20,8 @@ SHAPES = {
                 "n_positions": 64, "vocab_size": 300, "tie_word_embeddings": False, "sliding_window": 32},
     "qwen2": {"family": "qwen2", "n_layer": 2, "n_embd": 48, "n_head": 4, "n_kv_head": 2, "n_inner": 96,
               "n_positions": 64, "vocab_size": 300},
+    "qwen3": {"family": "qwen3", "n_layer": 2, "n_embd": 48, "n_head": 4, "n_kv_head": 2, "n_inner": 96,
+              "n_positions": 64, "vocab_size": 300, "tie_word_embeddings": False},
 }
 
 
@@ -34,6 +36,16 @@ def test_parameter_count_matches_the_built_model(family: str) -> None:
     model = AutoModelForCausalLM.from_config(config)
     real = sum(p.numel() for p in model.parameters())  # tied weights counted once
     assert shape_from_arch(arch).n_params() == real
+    assert shape_from_hf_config(config.to_dict()).n_params() == real
+
+
+def test_a_head_width_set_apart_from_the_hidden_width_is_counted() -> None:
+    """Qwen3 checkpoints set head_dim (128) apart from hidden_size / heads: the count follows the config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=24, intermediate_size=64, vocab_size=300)
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert shape_from_hf_config(config.to_dict()).n_params() == real
 
 

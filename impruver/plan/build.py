@@ -199,10 +199,6 @@ PRETRAINED_TOKENIZER = "hf"  # the default tokenizer of a model with a path: the
 TRAINED_TOKENIZER = "bpe"  # the default tokenizer of a model built from `arch`: one trained on the data
 
 
-def _singular(kind: str) -> str:
-    return kind[:-3] + "y" if kind.endswith("ies") else kind[:-1]
-
-
 def _check_registry_names(sections: dict[str, Any]) -> list[Problem]:
     checks = []
     for section, field_name, kind in (("model", "builder", "models"), ("tokenizer", "builder", "tokenizers"),
@@ -222,7 +218,7 @@ def _check_registry_names(sections: dict[str, Any]) -> list[Problem]:
     problems = []
     for key, kind, name in checks:
         if not registry.has(kind, name):
-            problems.append(Problem(key, f"unknown {_singular(kind)} '{name}'; "
+            problems.append(Problem(key, f"unknown {registry.singular(kind)} '{name}'; "
                                     f"{choices_hint(name, registry.names(kind))}"))
     problems.extend(_check_builder_options(sections))
     return problems

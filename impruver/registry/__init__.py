@@ -83,6 +83,8 @@ def load_plugins(force: bool = False) -> dict[str, str]:
             if force and ep.value in sys.modules:
                 importlib.reload(module)
         except Exception as exc:  # a broken plugin must not break impruver: it is reported by `impruver ls`
+            if ep.value.split(".")[0] == __name__.split(".")[0]:
+                raise  # impruver's own built-ins failing to import is a bug, never a plugin to skip
             dist = ep.dist.name if ep.dist else ep.name
             _plugin_errors[dist] = f"{type(exc).__name__}: {exc}"
     return dict(_plugin_errors)
@@ -146,7 +148,12 @@ def lookup(kind: str, name: str) -> Callable[..., Any]:
         return reg.get(name)
     except catalogue.RegistryError:
         pass
-    raise RegistryError(f"no {kind[:-1]} named '{name}': {choices_hint(name, names(kind))}")
+    raise RegistryError(f"no {singular(kind)} named '{name}': {choices_hint(name, names(kind))}")
+
+
+def singular(kind: str) -> str:
+    """'families' -> 'family', 'methods' -> 'method' (for messages)."""
+    return kind[:-3] + "y" if kind.endswith("ies") else kind[:-1]
 
 
 def has(kind: str, name: str) -> bool:
@@ -157,9 +164,11 @@ def has(kind: str, name: str) -> bool:
 def describe(kind: str, name: str) -> dict[str, Any]:
     """Docstring, file and line of a registered builder, for `impruver ls KIND NAME`."""
     func = lookup(kind, name)
+    # A component registered as an instance (methods, families, strategies) is described by its class.
+    source = func if inspect.isroutine(func) or inspect.isclass(func) else type(func)
     try:
-        file = inspect.getsourcefile(func)
-        line = inspect.getsourcelines(func)[1]
+        file = inspect.getsourcefile(source)
+        line = inspect.getsourcelines(source)[1]
     except (TypeError, OSError):
         file, line = None, None
-    return {"kind": kind, "name": name, "doc": inspect.getdoc(func) or "", "file": file, "line": line}
+    return {"kind": kind, "name": name, "doc": inspect.getdoc(source) or "", "file": file, "line": line}
