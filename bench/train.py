@@ -171,15 +171,15 @@ def side_trainer(plan_path: str, warmup: int, batch: int) -> dict[str, Any]:
     from impruver import registry
     from impruver.data.pipeline import load_composed_tokenizer
     from impruver.plan import load_plan
-    from impruver.train.methods import load_options
+    from impruver.components import method_of
 
     plan = load_plan(plan_path)
     cuda = plan.hardware.device == "cuda"
     tokenizer = load_composed_tokenizer(plan)
     torch.manual_seed(plan.train.seed)
-    load = load_options(method=plan.method, model=plan.model, hardware=plan.hardware)
+    load = method_of(plan).load_options(plan)
     model = registry.lookup("models", plan.model.builder)(spec=plan.model, tokenizer=tokenizer, load=load)
-    model = registry.lookup("methods", plan.method.builder)(spec=plan.method, model=model)
+    model = method_of(plan).apply(model, plan)
     model.config.use_cache = False
     model.loss_type = "ForCausalLM"
     data = load_dataset("json", data_files=plan.train_path, split="train")

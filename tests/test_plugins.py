@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_train_support import use_files  # noqa: F401  (fixture)
 
 PLUGIN = Path(__file__).parent / "plugins" / "impruver_example_plugin"
@@ -155,6 +156,10 @@ def test_plugin_ia3_trains_saves_a_peft_adapter_chats_and_exports(with_plugin: P
     # The plan's estimate counts exactly the IA3 vectors peft trains on the real model.
     trainable, _ = AutoPeftModelForCausalLM.from_pretrained(out, is_trainable=True).get_nb_trainable_parameters()
     assert plan.memory.trainable_params == trainable > 0
+    shown = run_with_plugin(with_plugin, "plan", "--yaml", "preset=demo", "model=local", f"model.path={base}",
+                            "method.builder=ia3", "tokenizer.chat_template=saiga", cwd=tmp_path)  # a fresh process
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["memory"]["trainable_params"] == trainable
     adapter = AutoPeftModelForCausalLM.from_pretrained(out).eval()
 
     # `impruver chat` loads the adapter folder on its base and answers.

@@ -20,6 +20,7 @@ import yaml
 
 from impruver.errors import RunError
 from impruver.hub import hub_unreachable, is_local, offline
+from impruver.layout import CHECKPOINT_PREFIX, MERGED_DIR, RunLayout
 
 if TYPE_CHECKING:
     from impruver.plan import ChatSpec, Plan
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 Kind = Literal["full", "merged", "adapter"]
 
 # Where `impruver export` may put the standalone merged model inside a run's output_dir.
-MERGED_SUBDIRS = ("merged", "export", "exported")
+MERGED_SUBDIRS = (MERGED_DIR, "export", "exported")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is damaged, not real
 
@@ -154,7 +155,7 @@ def _adapter_base(folder: Path, config: dict[str, Any], model_path: str | None) 
 
 def _planned_model_path(folder: Path) -> str | None:
     """model.path from the run's own plan.yaml, written by the training job."""
-    plan_file = folder / "plan.yaml"
+    plan_file = RunLayout.of(folder).plan
     if not plan_file.is_file():
         return None
     try:
@@ -240,7 +241,8 @@ def _nothing_there(folder: Path) -> str:
         also = f", or chat with a checkpoint: `impruver chat output_dir={standalone[-1]}`" if standalone else ""
         return (f"{head} It holds checkpoints ({names}): the training run stopped before the end. "
                 f"Finish it with {hint}{also}.")
-    if (folder / "plan.yaml").is_file() or (folder / "data").is_dir():
+    layout = RunLayout.of(folder)
+    if layout.plan.is_file() or layout.data.is_dir():
         return (f"{head} It holds a plan (or composed data) but no trained model yet: run "
                 f"`impruver train output_dir={folder}` and chat when it has finished.")
     return f"{head} {_train_hint(folder)}"
@@ -248,7 +250,7 @@ def _nothing_there(folder: Path) -> str:
 
 def _checkpoints(folder: Path) -> list[Path]:
     """Training checkpoints, oldest first: impruver's checkpoints/step-N and Hugging Face's checkpoint-N."""
-    found = [p for p in (folder / "checkpoints").glob("step-*") if (p / "state.json").is_file()]
+    found = [p for p in RunLayout.of(folder).checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file()]
     found += [p for p in folder.glob("checkpoint-*") if p.is_dir()]
     return sorted(found, key=lambda p: int(re.sub(r"\D", "", p.name) or -1))
 
@@ -257,7 +259,7 @@ def _recently_written(folder: Path, within_s: float = 600) -> str:
     """'metrics.jsonl written 12 s ago' when the training log changed lately, else ''."""
     import time
 
-    log_file = folder / "metrics.jsonl"
+    log_file = RunLayout.of(folder).metrics
     if not log_file.is_file():
         return ""
     age = time.time() - log_file.stat().st_mtime

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from impruver import registry
 from impruver.errors import ConfigError, Problem, choices_hint
 from impruver.families import local_config
+from impruver.layout import RunLayout
 from impruver.plan.schema import (ChatSpec, DatasetSpec, HardwareSpec, MethodSpec, ModelSpec, Plan, Spec, TokenizerSpec,
                                   TrainSpec, problems_from)
 
@@ -89,8 +90,8 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
         preset=preset,
         choices={k: v for k, v in sorted(choices.items()) if v is not None},
         output_dir=output_dir,
-        train_path=top["train_path"] or os.path.join(output_dir, "data", "train.jsonl"),
-        val_path=top["val_path"] or os.path.join(output_dir, "data", "val.jsonl"),
+        train_path=top["train_path"] or str(RunLayout.of(output_dir).train_data),
+        val_path=top["val_path"] or str(RunLayout.of(output_dir).val_data),
         seed=seed,
         **sections,
     )

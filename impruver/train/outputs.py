@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from impruver.components import method_of
 from impruver.files import atomic_write_text
 from impruver.hub import is_local
+from impruver.layout import RunLayout
 
 if TYPE_CHECKING:
     from impruver.plan import Plan
 
 log = logging.getLogger("impruver")
-BASE_DIR = "base"  # an adapter's base, saved beside it when it exists nowhere else (random weights)
 
 
 def base_needs_saving(plan: Plan) -> bool:
@@ -26,7 +26,7 @@ def base_needs_saving(plan: Plan) -> bool:
 
 def save_base(model: Any, output_dir: str | Path) -> Path:
     """Save the frozen base (before the adapters wrap it) to ``output_dir/base``."""
-    folder = Path(output_dir) / BASE_DIR
+    folder = RunLayout.of(output_dir).base  # an adapter's base, saved beside it when it exists nowhere else
     model.save_pretrained(folder)
     return folder
 
@@ -41,11 +41,12 @@ def save_model(model: Any, tokenizer: Any, plan: Plan, *, adapter: bool,
     loads it: the Hub id, the absolute path of a local base, or the ``base/`` folder saved beside it.
     """
     out = Path(plan.output_dir)
+    base_dir = RunLayout.of(out).base
     model.save_pretrained(out, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(out)
     if adapter:
         if base_needs_saving(plan):
-            base = str((out / BASE_DIR).resolve())
+            base = str(base_dir.resolve())
         elif plan.model.path and is_local(plan.model.path):
             base = str(Path(plan.model.path).resolve())
         else:
@@ -54,8 +55,8 @@ def save_model(model: Any, tokenizer: Any, plan: Plan, *, adapter: bool,
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = base
         atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True))
-        if (out / BASE_DIR).is_dir():
-            tokenizer.save_pretrained(out / BASE_DIR)
+        if base_dir.is_dir():
+            tokenizer.save_pretrained(base_dir)
 
 
 def write_card(plan: Plan, summary: dict[str, Any]) -> Path:
@@ -103,7 +104,7 @@ from transformers import AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained({plan.output_dir!r})
 ```
 """
-    target = Path(plan.output_dir) / "README.md"
+    target = RunLayout.of(plan.output_dir).card
     atomic_write_text(target, text)
     return target
 
