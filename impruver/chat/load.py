@@ -29,6 +29,7 @@ Kind = Literal["full", "merged", "adapter"]
 
 # Where `impruver export` may put the standalone merged model inside a run's output_dir.
 MERGED_SUBDIRS = (MERGED_DIR, "export", "exported")
+DISPLAY_NAMES = {"LORA": "LoRA"}  # peft_type as people write it (others read well as peft spells them: IA3, ...)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header larger than this is damaged, not real
 
@@ -60,7 +61,8 @@ class Loaded:
 
     def describe(self) -> str:
         """One line for people: which folder, what kind, on which base."""
-        adapter = f"{self.found.adapter_type or 'peft'} adapter"
+        kind = self.found.adapter_type or "peft"
+        adapter = f"{DISPLAY_NAMES.get(kind, kind)} adapter"
         what = {"full": "model", "merged": "merged model", "adapter": adapter}[self.found.kind]
         base = f" on {self.found.base}" if self.found.base else ""
         return f"{what} {self.found.folder}{base} ({self.context_length} tokens of context, {self.device})"

@@ -66,7 +66,9 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
             sections[name] = spec.model_validate(raw)
         except ValidationError as exc:
             found = problems_from(exc, spec, prefix=name)
-            problems.extend(_with_owner(p) for p in found if p.key not in missing)
+            for problem in found:
+                if problem.key not in missing:
+                    problems.extend(_with_owner(problem, raw) if name == "method" else [problem])
 
     problems.extend(_check_registry_names(sections))  # also for the sections that did validate
     if len(sections) == len(SECTIONS) and not any(p.key.startswith("method.builder") for p in problems):
@@ -159,18 +161,25 @@ class _BareMethod(MethodSpec):
     model_config = {**MethodSpec.model_config, "extra": "ignore"}
 
 
-def _with_owner(problem: Problem) -> Problem:
-    """An option of another method (``method.lora`` with method=full) says which methods take it."""
+def _with_owner(problem: Problem, raw: dict[str, Any]) -> list[Problem]:
+    """An option of another method (``method.lora`` with method=full) says which methods take it, and what is
+    wrong inside it for the first of them (``method.lora.rr``: did you mean 'r'), so both fixes show at once."""
     parts = problem.key.split(".")
     if len(parts) != 2 or parts[0] != "method" or "unknown key" not in problem.message:
-        return problem
-    from impruver.components import methods_taking
+        return [problem]
+    from impruver.components import method_section, methods_taking
 
     owners = methods_taking(parts[1])
     if not owners:
-        return problem
-    return Problem(problem.key, f"{problem.message}; '{parts[1]}' is an option of method "
-                   f"{', '.join(owners)}: choose method={owners[0]} to use it")
+        return [problem]
+    owned = Problem(problem.key, f"{problem.message}; '{parts[1]}' is an option of method "
+                    f"{', '.join(owners)}: choose method={owners[0]} to use it")
+    schema = method_section(owners[0])
+    try:
+        schema.model_validate({"builder": owners[0], parts[1]: raw.get(parts[1])})
+    except ValidationError as exc:
+        return [owned, *(p for p in problems_from(exc, schema, prefix="method") if p.key != problem.key)]
+    return [owned]
 
 
 def _resolve_defaults(sections: dict[str, Any], choices: dict[str, str]) -> dict[str, Any]:
