@@ -248,7 +248,7 @@ def lora_config(lora: LoraSpec, model: Any) -> Any:
     )
 
 
-def new_token_ids(model: Any, *, exclude_if: set[str] = frozenset()) -> list[int] | None:  # type: ignore[assignment]
+def new_token_ids(model: Any, *, exclude_if: set[str] | frozenset[str] = frozenset()) -> list[int] | None:
     """Embedding rows the tokenizer added to the base (they must train and be saved with an adapter), unless the
     whole embedding is already trained (``exclude_if`` names an embedding module)."""
     new = getattr(model, "impruver_new_token_ids", None)
