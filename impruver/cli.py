@@ -30,8 +30,9 @@ RECIPES = {"compose_dataset": "compose", "finetune": "main", "chat": "chat", "tr
            "serve": "serve"}
 # Hydra's own flags; those in the first set take a value.
 HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
-HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help", "--resolve"}
+                     "--config-dir", "-cd", "--experimental-rerun"}
+HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help", "--resolve", "--shell-completion",
+               "-sc"}
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 # impruver's flags besides the stages' own (which come from their run functions' signatures): name -> takes a
 # value. --report-to (the recipe catalogue's finetune flag) is train.report_to=[X] for the training stages.
@@ -205,7 +206,7 @@ def launch(stage: str, args: Args) -> int:
     """Check the configs are safe and every listable job plans, then hand the command line to Hydra, which
     calls the stage once per job with its plan (impruver.compose.make_job -> impruver.jobs.run_job)."""
     from impruver import compose as hydra_side
-    from impruver.jobs import run_job
+    from impruver.jobs import prepare_sweep, run_job
 
     report_to = args.flags.pop("report_to", None)
     if report_to:
@@ -218,7 +219,10 @@ def launch(stage: str, args: Args) -> int:
     overrides = hydra_side.hydra_overrides(overrides, config_file=config_file)
     settings = [*hydra_side.hydra_settings(), "hydra.run.dir=."]
     if _completing(args):
-        return _complete(stage, args, overrides, settings, config_file)
+        return _complete(stage, args, config_file)
+    modes = [a for a in args.hydra if a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r")]
+    if len({m.lstrip("-")[:1] for m in modes}) > 1:
+        raise ConfigError([Problem(" ".join(modes), "Hydra runs one of --run, --multirun, --cfg, --info at a time")])
     checked = hydra_side.Precheck()
     sweep_dir = None
     if not args.informational:
@@ -226,12 +230,21 @@ def launch(stage: str, args: Args) -> int:
         if args.multirun:
             sweep_dir = _new_sweep_dir(checked.plans[0][2].output_dir)
             settings.append(f"hydra.sweep.dir={sweep_dir.as_posix()}")
+            if stage in ("main", "train") and checked.listable:
+                prepare_sweep([plan for _, _, plan in checked.plans])
     job = hydra_side.make_job(stage, flags, checked, config_file, run_job)
-    # Hydra's flags last: `--info` takes an optional word and would swallow the next override.
-    hydra_side.run_hydra(job, config_file=config_file, argv=[*settings, *overrides, *args.hydra])
+    hydra_side.run_hydra(job, config_file=config_file, argv=_hydra_argv(args, [*settings, *overrides]))
     if sweep_dir is not None and sweep_dir.is_dir():
         _summarize(sweep_dir)
     return 0
+
+
+def _hydra_argv(args: Args, overrides: list[str]) -> list[str]:
+    """Hydra's flags, then the overrides; ``--info [WORD]`` last, where its optional word cannot swallow an
+    override (``--info hydra/job_logging=none`` is argparse's "invalid choice")."""
+    info = [i for i, a in enumerate(args.hydra) if a in ("--info", "-i")]
+    cut = info[0] if info else len(args.hydra)
+    return [*args.hydra[:cut], *overrides, *args.hydra[cut:]]
 
 
 def _new_sweep_dir(output_dir: str) -> Path:
@@ -262,7 +275,7 @@ def _completing(args: Args) -> bool:
     return any(a in ("-sc", "--shell-completion") for a in args.hydra)
 
 
-def _complete(stage: str, args: Args, overrides: list[str], settings: list[str], config_file: str | None) -> int:
+def _complete(stage: str, args: Args, config_file: str | None) -> int:
     """Hydra's shell completion; the words it completes are overrides, so a stage word is taken out first."""
     import os
 
@@ -271,7 +284,7 @@ def _complete(stage: str, args: Args, overrides: list[str], settings: list[str],
     if "COMP_LINE" in os.environ:
         os.environ["COMP_LINE"] = hydra_side.completion_line(os.environ["COMP_LINE"], STAGES)
     job = hydra_side.make_job(stage, {}, hydra_side.Precheck(), config_file, lambda *a, **k: None)
-    hydra_side.run_hydra(job, config_file=config_file, argv=[*settings, *args.hydra])
+    hydra_side.run_hydra(job, config_file=config_file, argv=[*args.hydra, *args.overrides])
     return 0
 
 

@@ -9,9 +9,8 @@ One path for every job::
 
 ``compose(overrides)`` is the same composition for tests and notebooks: Hydra composes and applies the
 overrides (Hydra's own semantics, so both paths agree); impruver only collects every problem instead of
-stopping at the first. The composed config carries every key of the plan's schema (its defaults are registered
-in Hydra's ConfigStore from the schema itself), so ``train.report_to=[wandb]`` needs no ``+`` even where no
-YAML file names the key, and a misspelt key is refused by Hydra's struct mode with the valid keys.
+stopping at the first. Inside the plan's sections Hydra accepts any key an override sets (see
+_register_sections) and the plan's schema, the one home of key names and defaults, judges it.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ import itertools
 import json
 import math
 import sys
+import types
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 
 CONFIG_MODULE = "impruver.conf"
 PRIMARY = "config"
-SCHEMA = "impruver_schema"  # ConfigStore node: every key of the plan's sections with the schema's default
+SECTIONS_NODE = "impruver_sections"  # ConfigStore node: the plan's sections as open mappings (see below)
 DEFAULT_PRESET = "demo"
 GROUPS = ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat", "preset")
 # Keep Hydra from taking over logging, the working directory or the outputs, whatever the primary config says.
@@ -114,7 +115,23 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
     problems = check_safe(overrides, config_file)
     if problems:
         raise ConfigError(problems, source=config_file)
-    return _compose(hydra_overrides(overrides, config_file=config_file), config_file)
+    composed = _compose(hydra_overrides(overrides, config_file=config_file), config_file, strict=False)
+    if composed.problems:  # with the plan's own problems, so that all are reported at once
+        _plan_or_problems(composed)
+    return composed
+
+
+def _plan_or_problems(composed: Composed) -> Plan:
+    """The plan of a composition, or ConfigError with the overrides Hydra refused and the plan's problems."""
+    found = list(composed.problems)
+    try:
+        plan = plan_from(composed.config, composed.choices, source=composed.source)
+    except ConfigError as exc:
+        refused = {p.key for p in found}  # a refused override's key is not also a plan problem
+        found += [p for p in exc.problems if p.key not in refused]
+    if found:
+        raise ConfigError(found, source=composed.source)
+    return plan
 
 
 def hydra_overrides(overrides: Sequence[str], *, config_file: str | None = None) -> list[str]:
@@ -126,7 +143,7 @@ def hydra_overrides(overrides: Sequence[str], *, config_file: str | None = None)
     for line in overrides:
         one, problems = parse_overrides([line])
         o = one[0] if one and not problems else None
-        if (o is not None and o.key_or_group in REPLACED_KEYS and o.override_type == OverrideType.CHANGE
+        if (o is not None and o.key_or_group in REPLACED_KEYS and o.type == OverrideType.CHANGE
                 and not o.is_sweep_override() and isinstance(o.value(), (dict, list))):
             out += [f"~{o.key_or_group}", f"+{line}"]
         else:
@@ -262,7 +279,7 @@ def check_safe(overrides: Sequence[str], config_file: str | None = None) -> list
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             return [Problem("--config", f"cannot read {path}: {_one_line(exc)}")]
-        problems += [Problem(key, f"{why} (in {path})") for key, why in _unsafe_keys(data)]
+        problems += [Problem(key, why) for key, why in _unsafe_keys(data)]
         if (path.parent / "hydra").is_dir():
             problems.append(Problem("--config", f"{path.parent / 'hydra'} would be searched for Hydra's own "
                                     "config groups (launchers, sweepers: code); keep config files elsewhere"))
@@ -326,34 +343,34 @@ def _trusted_targets(group: str) -> set[str]:
     return {f"{cls.__module__}.{cls.__name__}" for cls in Plugins.instance().discover(kind)}
 
 
-# -- the schema's defaults as Hydra's base config ----------------------------------------------------------------
+# -- the plan's sections as open mappings -----------------------------------------------------------------------
 
 
-def _register_schema() -> None:
-    """Every key of the plan's sections, with the schema's defaults, as the first node of the primary config."""
+def _register_sections() -> None:
+    """The plan's sections, empty and open, as the first node of the primary config (``impruver_sections``).
+
+    Hydra sets its composed config to struct mode, which refuses an override of a key no YAML file names
+    (``train.report_to=[wandb]`` where no file sets it) unless it is written ``+key``/``++key``. impruver's key
+    names are decided by one authority, the plan's schema (with the closest valid key, all at once): inside the
+    sections Hydra adds what an override sets and the plan judges it. The node holds no values, so defaults
+    stay where they are (the schema, and the YAML options), and a YAML ``???`` still means "required".
+    """
     from impruver.plan import Plan
 
-    sections = {}
-    for name in GROUPS:
-        spec = Plan.model_fields.get(name)
-        if spec is not None and isinstance(spec.annotation, type) and hasattr(spec.annotation, "model_fields"):
-            sections[name] = schema_defaults(spec.annotation)
-    ConfigStore.instance().store(name=SCHEMA, node=sections)
+    node = OmegaConf.create({name: {} for name in GROUPS if _model_of(getattr(Plan.model_fields.get(name),
+                                                                                 "annotation", None))})
+    for name in node:
+        OmegaConf.set_struct(node[name], False)  # an explicit flag on the node wins over the root's struct mode
+    ConfigStore.instance().store(name=SECTIONS_NODE, node=node)
 
 
-def schema_defaults(model: Any) -> dict[str, Any]:
-    """The default of every field of a pydantic model that has one (nested models recursively), as plain values."""
-    out: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        if info.is_required():
-            if isinstance(info.annotation, type) and hasattr(info.annotation, "model_fields"):
-                out[name] = schema_defaults(info.annotation)
-            continue
-        value = info.get_default(call_default_factory=True)
-        if hasattr(value, "model_dump"):
-            value = value.model_dump(mode="json")
-        out[name] = json.loads(json.dumps(value, default=str)) if value is not None else None
-    return out
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model in an annotation (``LoraSpec | None`` -> LoraSpec), or None."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    for candidate in (annotation, *(typing.get_args(annotation) if optional else ())):
+        if isinstance(candidate, type) and hasattr(candidate, "model_fields"):
+            return candidate
+    return None
 
 
 # -- the job Hydra runs ------------------------------------------------------------------------------------------
@@ -392,15 +409,7 @@ def precheck(overrides: Sequence[str], config_file: str | None, *, multirun: boo
     for point in points or [None]:
         try:
             composed = base if point is None else _compose(point, config_file, strict=False)
-            found = list(composed.problems)
-            try:
-                plan = plan_from(composed.config, composed.choices, source=config_file)
-            except ConfigError as exc:
-                refused = {p.key for p in found}  # a refused override's key is not also a plan problem
-                found += [p for p in exc.problems if p.key not in refused]
-            if found:
-                raise ConfigError(found)
-            result.plans.append((composed.config, composed.choices, plan))
+            result.plans.append((composed.config, composed.choices, _plan_or_problems(composed)))
         except ConfigError as exc:
             problems += [p for p in exc.problems if p not in problems]
     if problems:
@@ -560,7 +569,7 @@ def _override_problem(cfg: DictConfig, o: Override, exc: BaseException) -> Probl
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     if isinstance(node, DictConfig) and leaf not in node and not o.is_delete():
-        known = [str(k) for k in node.keys()] or _schema_keys(parent)
+        known = [str(k) for k in node.keys() if parent or k != "hydra"] or _schema_keys(parent)
         hint = choices_hint(leaf, known)
         return Problem(key, f"unknown key; {hint} (to add a key of your own: +{o.input_line.lstrip('+')})")
     return Problem(key, _one_line(exc))
@@ -575,8 +584,7 @@ def _schema_keys(path: str) -> list[str]:
         info = getattr(model, "model_fields", {}).get(part)
         if info is None:
             return []
-        candidates = [info.annotation, *getattr(info.annotation, "__args__", ())]
-        model = next((c for c in candidates if hasattr(c, "model_fields")), None)
+        model = _model_of(info.annotation)
     return list(getattr(model, "model_fields", {}))
 
 
@@ -587,8 +595,8 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if len(lines) == 1 or lines[0].endswith(".") else f"{lines[0]} {lines[1]}"
 
 
-_register_schema()
+_register_sections()
 
 __all__ = ["Composed", "Precheck", "plan_job", "check_safe", "compose", "completion_line", "expand_sweeps", "hydra_overrides",
            "list_options", "make_job", "objective", "option_providers", "parse_overrides", "plan_from",
-           "precheck", "run_hydra", "schema_defaults"]
+           "precheck", "run_hydra"]

@@ -83,6 +83,18 @@ def stage_flags(stage: str) -> dict[str, bool]:
     return flags
 
 
+def prepare_sweep(plans: list[Plan]) -> None:
+    """Compose the data of a sweep's jobs once, before they start (joblib runs them at once, and two jobs must
+    not compose the same folder concurrently); each job then finds its data up to date."""
+    from impruver.data import pipeline
+
+    seen: set[str] = set()
+    for plan in plans:
+        if plan.train_path not in seen:
+            seen.add(plan.train_path)
+            pipeline.ensure_composed(plan)
+
+
 def run_stage(stage: str, plan: Plan, **flags: Any) -> Any:
     """Run one stage of a validated plan with its flags."""
     return stage_function(stage)(plan, **flags)
@@ -107,5 +119,5 @@ def write_run_summary(plan: Plan, result: Any, overrides: list[str]) -> None:
     atomic_write_text(RunLayout.of(plan.output_dir).run_summary, json.dumps(record, indent=2, ensure_ascii=False))
 
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "prepare", "run_job", "run_stage", "stage_flags", "stage_function",
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags", "stage_function",
            "train_job", "write_run_summary"]

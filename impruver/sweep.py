@@ -59,7 +59,7 @@ def varying(runs: list[dict[str, Any]]) -> list[str]:
     differing = [k for k in keys if len({v.get(k) for v in values}) > 1]
     leaves = [k.rpartition(".")[2] for k in differing]
     short = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(differing, leaves)}
-    return [" ".join(f"{short[k]}={v[k]}" for k in differing if k in v) for v in values]
+    return [" ".join(f"{short[k]}={_short_value(v[k])}" for k in differing if k in v) for v in values]
 
 
 def shared(runs: list[dict[str, Any]]) -> list[str]:
@@ -85,6 +85,15 @@ def render(summary: dict[str, Any]) -> Any:
         mark = "best" if run["best"] else ("failed" if run.get("exit_code") else "")
         table.add_row(mark, cell, *(_fmt(run.get(c)) for c in COLUMNS))
     return table
+
+
+def _short_value(value: str) -> str:
+    """A float as 4 significant digits (an optuna trial's lr=0.0024269323663679908 reads lr=0.002427)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if "." not in value and "e" not in value.lower() else f"{number:.4g}"
 
 
 def _key_value(override: str) -> tuple[str, str]:
