@@ -55,7 +55,7 @@ def varying(runs: list[dict[str, Any]]) -> list[str]:
     (``train.seed`` and ``dataset.seed``) keeps its full path.
     """
     values = [dict(_key_value(o) for o in r.get("overrides", [])) for r in runs]
-    keys = sorted({k for v in values for k in v})
+    keys = list(dict.fromkeys(k for v in values for k in v))  # in the order the command line gave them
     differing = [k for k in keys if len({v.get(k) for v in values}) > 1]
     leaves = [k.rpartition(".")[2] for k in differing]
     short = {k: (leaf if leaves.count(leaf) == 1 else k) for k, leaf in zip(differing, leaves)}
