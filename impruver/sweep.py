@@ -67,7 +67,8 @@ def shared(runs: list[dict[str, Any]]) -> list[str]:
     if not runs:
         return []
     common = set.intersection(*(set(r.get("overrides", [])) for r in runs))
-    return sorted(common)
+    # `~key=null` is half of a replacing override (`~dataset.sources` then `+dataset.sources=...`): not news.
+    return sorted(o for o in common if not o.startswith("~"))
 
 
 def render(summary: dict[str, Any]) -> Any:
@@ -75,7 +76,8 @@ def render(summary: dict[str, Any]) -> Any:
 
     runs = summary["runs"]
     title = f"sweep: {summary['jobs']} runs in {summary['sweep_dir']}"
-    table = Table(title=title, title_justify="left", caption=" ".join(shared(runs)) or None,
+    common = " ".join(shared(runs))
+    table = Table(title=title, title_justify="left", caption=f"all runs: {common}" if common else None,
                   caption_justify="left")
     table.add_column("", style="green", no_wrap=True)
     table.add_column("overrides", style="cyan", overflow="fold")
