@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint
+from impruver.jobs import STAGES  # light: the stage functions are imported only when they run
 from impruver.ui import console, print_error, print_warning, setup_logging
 
-STAGES = ("compose", "train", "chat", "serve", "export")
 COMMANDS = (*STAGES, "plan", "ls", "cp", "run")
 RECIPES = {"compose_dataset": "compose", "finetune": "main", "chat": "chat", "train": "main", "export": "export",
            "serve": "serve"}
@@ -206,7 +206,7 @@ def launch(stage: str, args: Args) -> int:
     """Check the configs are safe and every listable job plans, then hand the command line to Hydra, which
     calls the stage once per job with its plan (impruver.compose.make_job -> impruver.jobs.run_job)."""
     from impruver import compose as hydra_side
-    from impruver.jobs import prepare_sweep, run_job
+    from impruver.jobs import run_job
 
     report_to = args.flags.pop("report_to", None)
     if report_to:
@@ -216,27 +216,43 @@ def launch(stage: str, args: Args) -> int:
     problems = hydra_side.check_safe(overrides, config_file)
     if problems:
         raise ConfigError(problems, source=config_file)
-    overrides = hydra_side.hydra_overrides(overrides, config_file=config_file)
-    settings = [*hydra_side.hydra_settings(), "hydra.run.dir=."]
     if _completing(args):
         return _complete(stage, args, config_file)
-    modes = [a for a in args.hydra if a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--run", "-r")]
-    if len({m.lstrip("-")[:1] for m in modes}) > 1:
-        raise ConfigError([Problem(" ".join(modes), "Hydra runs one of --run, --multirun, --cfg, --info at a time")])
-    checked = hydra_side.Precheck()
-    sweep_dir = None
+    _check_one_mode(args)
+    overrides = hydra_side.hydra_overrides(overrides, config_file=config_file)
+    settings = [*hydra_side.hydra_settings(), "hydra.run.dir=."]
+    checked, sweep_dir = hydra_side.Precheck(), None
     if not args.informational:
         checked = hydra_side.precheck(overrides, config_file, multirun=args.multirun)
         if args.multirun:
-            sweep_dir = _new_sweep_dir(checked.plans[0][2].output_dir)
+            sweep_dir = _start_sweep(stage, checked)
             settings.append(f"hydra.sweep.dir={sweep_dir.as_posix()}")
-            if stage in ("main", "train") and checked.listable:
-                prepare_sweep([plan for _, _, plan in checked.plans])
     job = hydra_side.make_job(stage, flags, checked, config_file, run_job)
     hydra_side.run_hydra(job, config_file=config_file, argv=_hydra_argv(args, [*settings, *overrides]))
     if sweep_dir is not None and sweep_dir.is_dir():
         _summarize(sweep_dir)
     return 0
+
+
+# Hydra's modes: one per command line (Hydra itself would end in a ValueError traceback).
+MODES = {"-m": "multirun", "--multirun": "multirun", "--cfg": "cfg", "-c": "cfg", "--info": "info", "-i": "info",
+         "--run": "run", "-r": "run"}
+
+
+def _check_one_mode(args: Args) -> None:
+    modes = [a for a in args.hydra if a in MODES]
+    if len({MODES[m] for m in modes}) > 1:
+        raise ConfigError([Problem(" ".join(modes), "Hydra runs one of --run, --multirun, --cfg, --info at a time")])
+
+
+def _start_sweep(stage: str, checked: Any) -> Path:
+    """The sweep's own folder; for training, the data of its listed points composed once, before jobs start."""
+    from impruver.jobs import prepare_sweep
+
+    sweep_dir = _new_sweep_dir(checked.plans[0][2].output_dir)
+    if stage in ("main", "train") and checked.listable:
+        prepare_sweep([plan for _, _, plan in checked.plans])
+    return sweep_dir
 
 
 def _hydra_argv(args: Args, overrides: list[str]) -> list[str]:
