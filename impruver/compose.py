@@ -70,8 +70,7 @@ class Composed:
     config: dict[str, Any]
     choices: dict[str, str] = field(default_factory=dict)
     source: str | None = None  # the config file, when one was given instead of impruver's primary config
-    sweeper: str = "basic"  # the chosen hydra/sweeper option
-    launcher: str = "basic"
+    sweeper: str = "basic"  # the chosen hydra/sweeper option: decides whether a sweep's points can be listed
     # Overrides Hydra refused; kept (with strict=False) so that the plan's own problems are reported with them.
     problems: tuple[Problem, ...] = ()
 
@@ -123,13 +122,13 @@ def compose(overrides: Sequence[str] = (), *, config_file: str | None = None) ->
 
 def _plan_or_problems(composed: Composed) -> Plan:
     """The plan of a composition, or ConfigError with the overrides Hydra refused and the plan's problems."""
-    found = list(composed.problems)
+    found, plan = list(composed.problems), None
     try:
         plan = plan_from(composed.config, composed.choices, source=composed.source)
     except ConfigError as exc:
         refused = {p.key for p in found}  # a refused override's key is not also a plan problem
         found += [p for p in exc.problems if p.key not in refused]
-    if found:
+    if found or plan is None:
         raise ConfigError(found, source=composed.source)
     return plan
 
@@ -176,21 +175,15 @@ def _compose(overrides: Sequence[str], config_file: str | None, *, strict: bool 
         if problems:
             raise ConfigError(problems, source=config_file)
         try:
-            cfg = hydra_compose(_primary_name(config_file), overrides=[*hydra_settings(), *(o.input_line for o in groups)],
-                                return_hydra_config=True)
+            cfg = hydra_compose(_primary_name(config_file), return_hydra_config=True,
+                                overrides=[*hydra_settings(), *(o.input_line for o in groups)])
         except (HydraException, OmegaConfBaseException) as exc:
             raise ConfigError([Problem("", _one_line(exc))], source=config_file) from None
-    # Hydra's own application of each value override, one at a time, so that every bad one is reported.
-    for o in values:
-        try:
-            ConfigLoaderImpl._apply_overrides_to_config([o], cfg)
-        except (HydraException, OmegaConfBaseException, ValueError, TypeError) as exc:
-            problems.append(_override_problem(cfg, o, exc))
+    problems += _apply_values(cfg, values)
     problems += _composed_hydra_problems(cfg)
     choices = {k: v for k, v in OmegaConf.to_container(cfg.hydra.runtime.choices).items()
                if k in GROUPS and v is not None}
     sweeper = str(cfg.hydra.runtime.choices.get("hydra/sweeper") or "basic")
-    launcher = str(cfg.hydra.runtime.choices.get("hydra/launcher") or "basic")
     try:
         config = user_config(cfg)
     except OmegaConfBaseException as exc:
@@ -198,8 +191,19 @@ def _compose(overrides: Sequence[str], config_file: str | None, *, strict: bool 
         config = {}
     if problems and (strict or not config):
         raise ConfigError(problems, source=config_file)
-    return Composed(config=config, choices=choices, source=config_file, sweeper=sweeper, launcher=launcher,
-                    problems=tuple(problems))
+    return Composed(config=config, choices=choices, source=config_file, sweeper=sweeper, problems=tuple(problems))
+
+
+def _apply_values(cfg: DictConfig, values: Sequence[Override]) -> list[Problem]:
+    """Hydra's own application of the value overrides (as hydra.main does it, in order), one at a time, so
+    that every refused one is reported instead of the first."""
+    problems = []
+    for o in values:
+        try:
+            ConfigLoaderImpl._apply_overrides_to_config([o], cfg)
+        except (HydraException, OmegaConfBaseException, ValueError, TypeError) as exc:
+            problems.append(_override_problem(cfg, o, exc))
+    return problems
 
 
 def user_config(cfg: DictConfig) -> dict[str, Any]:
@@ -357,9 +361,9 @@ def _register_sections() -> None:
     """
     from impruver.plan import Plan
 
-    node = OmegaConf.create({name: {} for name in GROUPS if _model_of(getattr(Plan.model_fields.get(name),
-                                                                                 "annotation", None))})
-    for name in node:
+    sections = [name for name, info in Plan.model_fields.items() if name in GROUPS and _model_of(info.annotation)]
+    node = OmegaConf.create({name: {} for name in sections})
+    for name in sections:
         OmegaConf.set_struct(node[name], False)  # an explicit flag on the node wins over the root's struct mode
     ConfigStore.instance().store(name=SECTIONS_NODE, node=node)
 
@@ -597,6 +601,6 @@ def _one_line(exc: BaseException) -> str:
 
 _register_sections()
 
-__all__ = ["Composed", "Precheck", "plan_job", "check_safe", "compose", "completion_line", "expand_sweeps", "hydra_overrides",
-           "list_options", "make_job", "objective", "option_providers", "parse_overrides", "plan_from",
+__all__ = ["Composed", "Precheck", "check_safe", "completion_line", "compose", "expand_sweeps", "hydra_overrides",
+           "list_options", "make_job", "objective", "option_providers", "parse_overrides", "plan_from", "plan_job",
            "precheck", "run_hydra"]

@@ -119,5 +119,5 @@ def write_run_summary(plan: Plan, result: Any, overrides: list[str]) -> None:
     atomic_write_text(RunLayout.of(plan.output_dir).run_summary, json.dumps(record, indent=2, ensure_ascii=False))
 
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags", "stage_function",
-           "train_job", "write_run_summary"]
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags",
+           "stage_function", "train_job", "write_run_summary"]
