@@ -136,6 +136,9 @@ def test_submitit_slurm_settings_of_the_readme_compose(capsys: pytest.CaptureFix
     assert hydra_cfg["runtime"]["choices"]["hydra/launcher"] == "submitit_slurm"
     assert hydra_cfg["launcher"]["partition"] == "gpu" and hydra_cfg["launcher"]["timeout_min"] == 720
     assert not hydra_cfg.get("callbacks"), "impruver configures no callback: the summary runs from the CLI"
+    assert cli.main([*argv[:-2], "method.lora.r=32", "--cfg", "job"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["method"]["lora"]["r"] == 32 and job["hardware"]["num_processes"] == 8
 
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
