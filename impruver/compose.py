@@ -57,6 +57,10 @@ HYDRA_QUIET = ("hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.outp
 INSTANTIATION_KEYS = frozenset({"_target_", "_call_", "_partial_", "_args_", "_recursive_", "_convert_"})
 # Hydra settings a user file or override may not set: they run code or add config sources that could.
 UNSAFE_HYDRA_KEYS = ("hydra.callbacks", "hydra.searchpath")
+# Environment variables that make the next Python (a worker, a launched job) or the loader run other code:
+# refused in `hydra.job.env_set`, which Hydra exports into the job's environment.
+CODE_ENV = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONINSPECT",
+                      "LD_PRELOAD", "LD_LIBRARY_PATH", "DYLD_INSERT_LIBRARIES", "BASH_ENV", "ENV", "PATH"})
 # Sweepers whose points the command line can list before anything runs (Hydra's basic sweeper: a=1,2).
 LISTABLE_SWEEPERS = ("basic",)
 # The value-replacing forms of `dataset.sources`: a mapping (names as given) or a list (names from the stems).
@@ -312,6 +316,8 @@ def _unsafe_keys(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
         elif path in UNSAFE_HYDRA_KEYS and not _contains_instantiation(value):
             yield path, ("not allowed in configs: it runs or finds code; launchers and sweepers are chosen by "
                          "group name (hydra/launcher=joblib)")
+        elif prefix == "hydra.job.env_set" and str(key).upper() in CODE_ENV:
+            yield path, "not allowed in configs: this variable makes the job's processes load other code"
         else:
             yield from _unsafe_keys(value, path)
 

@@ -55,6 +55,7 @@ def test_a_config_file_with_a_callback_is_refused(capsys: pytest.CaptureFixture[
     ("model.options={_target_: os.system, _args_: [id]}", "model.options._target_"),
     ("hydra.launcher._target_=os.system", "hydra.launcher._target_"),
     ("hydra.searchpath=[file:///tmp]", "hydra.searchpath"),
+    ("+hydra.job.env_set.PYTHONPATH=/tmp/evil", "hydra.job.env_set.PYTHONPATH"),
 ])
 def test_an_override_that_names_code_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, override: str, key: str) -> None:
@@ -87,5 +88,6 @@ def test_launchers_and_sweepers_by_group_name_are_fine(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("defaults:\n  - override hydra/launcher: joblib\nseed: 1\n")
     assert check_safe(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra/sweeper=optuna",
+                       "+hydra.job.env_set.CUDA_VISIBLE_DEVICES=0",
                        "train.lr=1e-3,3e-3", "dataset.sources={a: {path: x.jsonl, format: openai}}"],
                       str(config)) == []
