@@ -27,10 +27,9 @@ def compose_config(overrides: Sequence[str] = (), *, config_file: str | None = N
 
 def build_plan(overrides: Sequence[str] = (), *, config_file: str | None = None) -> Any:
     """Compose and validate into a frozen :class:`impruver.plan.Plan` (raises ConfigError with every problem)."""
-    from impruver.plan import make_plan
+    from impruver.compose import plan_job
 
-    composed = compose_config(overrides, config_file=config_file)
-    return make_plan(composed.config, choices=composed.choices)
+    return plan_job(overrides, config_file=config_file)
 
 
 def load_plan(path: str) -> Any:

@@ -7,36 +7,39 @@
     impruver cp PRESET DEST                  copy a preset to an editable file
     impruver run compose_dataset|finetune|chat --config PRESET_OR_FILE [overrides]   the older form
 
-The main job and the stages are Hydra applications: --cfg job, --info, --help and -m (multirun) work on them.
+The main job and the stages are Hydra applications: --cfg job, --info, --help, -m (multirun) with
+hydra/launcher=... and hydra/sweeper=..., and shell completion (-sc) work on them; --version prints impruver's
+version and its dependencies'. Each stage's flags are its run function's keyword-only parameters.
 Configuration errors are reported all at once with exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint
+from impruver.jobs import STAGES  # light: the stage functions are imported only when they run
 from impruver.ui import console, print_error, print_warning, setup_logging
 
-STAGES = ("compose", "train", "chat", "serve", "export")
 COMMANDS = (*STAGES, "plan", "ls", "cp", "run")
 RECIPES = {"compose_dataset": "compose", "finetune": "main", "chat": "chat", "train": "main", "export": "export",
            "serve": "serve"}
 # Hydra's own flags; those in the first set take a value.
 HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
-HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help", "--resolve", "--version"}
+                     "--config-dir", "-cd", "--experimental-rerun"}
+HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help", "--resolve", "--shell-completion",
+               "-sc"}
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-# impruver's own stage flags (name -> takes a value).
-STAGE_FLAGS = {"--config": True, "--prompt": True, "--inspect": True, "--force": False, "--dest": True,
-               "--yaml": False, "--report-to": True}
-# The flags each stage takes (besides --config): its recipe's keyword arguments.
-STAGE_OPTIONS = {"main": {"force"}, "train": {"force"}, "compose": {"force", "inspect"}, "chat": {"prompt"},
-                 "serve": set(), "export": {"dest"}}
+# impruver's flags besides the stages' own (which come from their run functions' signatures): name -> takes a
+# value. --report-to (the recipe catalogue's finetune flag) is train.report_to=[X] for the training stages.
+COMMON_FLAGS = {"config": True}
+COMMAND_FLAGS = {"plan": {"yaml": False}, "main": {"report_to": True}, "train": {"report_to": True}}
+# Whose versions --version prints beside impruver's.
+DEPENDENCIES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core")
 
 
 @dataclass
@@ -53,8 +56,8 @@ class Args:
 
     @property
     def informational(self) -> bool:
-        """Hydra prints help or info and runs nothing."""
-        return any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc")
+        """Hydra prints help, info, a config or completions and runs nothing."""
+        return any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--cfg", "-c")
                    for a in self.hydra)
 
 
@@ -73,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(argv: list[str]) -> int:
+    if "--version" in argv:
+        return cmd_version()
     command = argv[0] if argv and argv[0] in COMMANDS else None
     rest = argv[1:] if command else argv
     if command == "ls":
@@ -80,28 +85,55 @@ def dispatch(argv: list[str]) -> int:
     if command == "cp":
         return cmd_cp(rest)
     if command == "plan":
-        return cmd_plan(split_args(rest))
+        return cmd_plan(split_args(rest, "plan"))
     if command == "run":
         return cmd_run(rest)
-    return launch(command or "main", split_args(rest))
+    return launch(command or "main", split_args(rest, command or "main"))
 
 
-def split_args(argv: Sequence[str]) -> Args:
-    """Sort a command line into Hydra flags, impruver flags (``--prompt x`` or ``--prompt=x``) and overrides."""
+def cmd_version() -> int:
+    """impruver's version and its main dependencies', read from the installed metadata (no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from impruver import __version__
+
+    lines = [f"impruver {__version__}"]
+    for name in DEPENDENCIES:
+        try:
+            lines.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} (not installed)")
+    lines.append(f"python {sys.version.split()[0]}")
+    console.print("\n".join(lines), markup=False, highlight=False)
+    return 0
+
+
+def command_flags(command: str) -> dict[str, bool]:
+    """The flags ``impruver COMMAND`` takes (name -> takes a value): its stage function's, plus the common ones."""
+    from impruver.jobs import stage_flags
+
+    own = {} if command == "plan" else stage_flags(command)
+    return {**COMMON_FLAGS, **COMMAND_FLAGS.get(command, {}), **own}
+
+
+def split_args(argv: Sequence[str], command: str) -> Args:
+    """Sort a command line into Hydra flags, the command's flags (``--prompt x`` or ``--prompt=x``) and overrides."""
+    flags = command_flags(command)
     args = Args()
     i = 0
     while i < len(argv):
         token = argv[i]
         name, eq, value = token.partition("=")
-        if token.startswith("--") and name in STAGE_FLAGS:
-            if STAGE_FLAGS[name]:
+        flag = name[2:].replace("-", "_") if name.startswith("--") else None
+        if flag in flags:
+            if flags[flag]:
                 if not eq:
                     if i + 1 >= len(argv):
                         raise ConfigError([Problem(name, "needs a value")])
                     i, value = i + 1, argv[i + 1]
-                args.flags[name.lstrip("-").replace("-", "_")] = value
+                args.flags[flag] = value
             else:
-                args.flags[name.lstrip("-").replace("-", "_")] = True
+                args.flags[flag] = True
         elif token in HYDRA_VALUE_FLAGS:
             args.hydra += argv[i:i + 2]
             i += 1
@@ -113,12 +145,22 @@ def split_args(argv: Sequence[str]) -> Args:
         elif token in HYDRA_FLAGS or (token.startswith("-") and name in HYDRA_VALUE_FLAGS):
             args.hydra.append(token)
         elif token.startswith("-") and not token.startswith(("+", "~")):
-            valid = sorted({*STAGE_FLAGS, *HYDRA_FLAGS, *HYDRA_VALUE_FLAGS, "--info"})
-            raise ConfigError([Problem(token, f"unknown flag; {choices_hint(token, valid)}")])
+            raise ConfigError([_unknown_flag(token, command, flags)])
         else:
             args.overrides.append(token)
         i += 1
     return args
+
+
+def _unknown_flag(token: str, command: str, flags: dict[str, bool]) -> Problem:
+    """A flag the command does not take: another command's (name it) or a typo (the closest of all flags)."""
+    name = "impruver" if command == "main" else f"impruver {command}"
+    valid = sorted(f"--{f.replace('_', '-')}" for f in flags)
+    every = {f"--{f.replace('_', '-')}" for c in ("main", "plan", *STAGES) for f in command_flags(c)}
+    flag = token.partition("=")[0]
+    if flag in every:
+        return Problem(flag, f"{name} takes no such flag; valid: {', '.join(valid)}")
+    return Problem(flag, f"unknown flag; {choices_hint(flag, sorted(every | HYDRA_FLAGS | {'--info', '--cfg'}))}")
 
 
 # -- planning ------------------------------------------------------------------------------------------------
@@ -140,49 +182,12 @@ def config_source(args: Args) -> tuple[str | None, list[str]]:
                                f"{choices_hint(target, presets)}")])
 
 
-def plan_for(overrides: Sequence[str], config_file: str | None = None) -> Any:
-    """compose -> make_plan, for one list of overrides."""
-    return _composed_plan(overrides, config_file)[1]
-
-
-def _composed_plan(overrides: Sequence[str], config_file: str | None) -> tuple[Any, Any]:
-    from impruver.compose import compose
-    from impruver.plan import make_plan
-
-    composed = compose(overrides, config_file=config_file)
-    try:
-        return composed, make_plan(composed.config, choices=composed.choices)
-    except ConfigError as exc:
-        raise ConfigError(exc.problems, source=config_file) from None
-
-
-def validate_all(overrides: Sequence[str], config_file: str | None, multirun: bool) -> tuple[Any, frozenset[str]]:
-    """Plan every job a command would run (each sweep point under -m); report all problems at once.
-
-    Returns the first job's plan and the overridden keys that the YAML does not name (Hydra needs ``++`` there).
-    """
-    from impruver.compose import expand_sweeps
-
-    combos = expand_sweeps(overrides) if multirun else [list(overrides)]
-    problems: list[Problem] = []
-    first, added = None, frozenset()
-    for combo in combos:
-        try:
-            composed, plan = _composed_plan(combo, config_file)
-            first = first or plan
-            added |= composed.added_keys
-        except ConfigError as exc:
-            problems += [p for p in exc.problems if p not in problems]
-    if problems:
-        raise ConfigError(problems, source=config_file)
-    return first, added
-
-
 def cmd_plan(args: Args) -> int:
+    from impruver.compose import plan_job
     from impruver.plan import environment_problems
 
     config_file, overrides = config_source(args)
-    plan = plan_for(overrides, config_file)
+    plan = plan_job(overrides, config_file=config_file)
     if args.flags.get("yaml"):
         console.print(plan.to_yaml(), end="", markup=False, highlight=False)
     else:
@@ -198,90 +203,105 @@ def cmd_plan(args: Args) -> int:
 
 
 def launch(stage: str, args: Args) -> int:
-    """Validate every job first, then hand the command line to Hydra, which calls the stage per job."""
-    report_to = args.flags.pop("report_to", None) if stage in ("main", "train") else None
-    if report_to:  # --report-to=wandb (the recipe catalogue's finetune flag) is train.report_to=[wandb]
+    """Check the configs are safe and every listable job plans, then hand the command line to Hydra, which
+    calls the stage once per job with its plan (impruver.compose.make_job -> impruver.jobs.run_job)."""
+    from impruver import compose as hydra_side
+    from impruver.jobs import run_job
+
+    report_to = args.flags.pop("report_to", None)
+    if report_to:
         args.overrides.append(f"train.report_to=[{report_to}]")
-    options = {k: v for k, v in args.flags.items() if k != "config"}
-    unknown = sorted(set(options) - STAGE_OPTIONS[stage])
-    if unknown:
-        valid = sorted(f"--{o}" for o in STAGE_OPTIONS[stage] | {"config"})
-        name = "impruver" if stage == "main" else f"impruver {stage}"
-        raise ConfigError([Problem(f"--{o.replace('_', '-')}", f"{name} takes no such flag; valid: "
-                                   f"{', '.join(valid)}") for o in unknown])
+    flags = {k: v for k, v in args.flags.items() if k != "config"}
     config_file, overrides = config_source(args)
-    extra: list[str] = ["hydra.run.dir=."]
+    problems = hydra_side.check_safe(overrides, config_file)
+    if problems:
+        raise ConfigError(problems, source=config_file)
+    if _completing(args):
+        return _complete(stage, args, config_file)
+    _check_one_mode(args)
+    overrides = hydra_side.hydra_overrides(overrides, config_file=config_file)
+    settings = [*hydra_side.hydra_settings(), "hydra.run.dir=."]
+    checked, sweep_dir = hydra_side.Precheck(), None
     if not args.informational:
-        first, added = validate_all(overrides, config_file, args.multirun)
-        from impruver.compose import for_hydra
-
-        overrides = for_hydra(overrides, added, config_file=config_file)
+        checked = hydra_side.precheck(overrides, config_file, multirun=args.multirun)
         if args.multirun:
-            extra.append(f"hydra.sweep.dir={Path(first.output_dir, 'multirun').as_posix()}")
-    import hydra
-
-    from impruver.compose import CONFIG_MODULE, PRIMARY, hydra_settings
-
-    config_path = f"pkg://{CONFIG_MODULE}"
-    config_name = PRIMARY
-    if config_file:
-        config_path, config_name = str(Path(config_file).parent.resolve()), Path(config_file).stem
-    task = _task(stage, options, config_file)
-    saved = sys.argv
-    sys.argv = ["impruver", *args.hydra, *hydra_settings(), *extra, *overrides]
-    try:
-        hydra.main(config_path=config_path, config_name=config_name, version_base="1.3")(task)()
-    finally:
-        sys.argv = saved
+            sweep_dir = _start_sweep(stage, checked)
+            settings.append(f"hydra.sweep.dir={sweep_dir.as_posix()}")
+    job = hydra_side.make_job(stage, flags, checked, config_file, run_job)
+    hydra_side.run_hydra(job, config_file=config_file, argv=_hydra_argv(args, [*settings, *overrides]))
+    if sweep_dir is not None and sweep_dir.is_dir():
+        _summarize(sweep_dir)
     return 0
 
 
-def _task(stage: str, options: dict[str, Any], config_file: str | None) -> Callable[[Any], Any]:
-    def impruver_job(cfg: Any) -> Any:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-        from omegaconf import OmegaConf
-
-        from impruver.plan import make_plan
-
-        hydra_cfg = HydraConfig.get()
-        choices = {k: v for k, v in OmegaConf.to_container(hydra_cfg.runtime.choices).items()
-                   if not k.startswith("hydra") and v is not None}
-        try:
-            plan = make_plan(OmegaConf.to_container(cfg, resolve=True), choices=choices)
-            sweep_job = hydra_cfg.mode == RunMode.MULTIRUN
-            if sweep_job:
-                # Each sweep point trains into its own folder; the composed data stays shared (cached by settings).
-                plan = plan.model_copy(update={"output_dir": hydra_cfg.runtime.output_dir})
-            result = run_stage(stage, plan, **options)
-            if stage in ("main", "train"):
-                write_run_summary(plan, result, list(hydra_cfg.overrides.task))
-            return result
-        except ImpruverError as exc:
-            print_error(str(exc))
-            sys.exit(exc.exit_code)
-
-    return impruver_job
+# Hydra's modes: one per command line (Hydra itself would end in a ValueError traceback).
+MODES = {"-m": "multirun", "--multirun": "multirun", "--cfg": "cfg", "-c": "cfg", "--info": "info", "-i": "info",
+         "--run": "run", "-r": "run"}
 
 
-def run_stage(stage: str, plan: Any, **options: Any) -> Any:
-    """See :func:`impruver.jobs.run_stage`."""
-    from impruver.jobs import run_stage as run
+def _check_one_mode(args: Args) -> None:
+    modes = [a for a in args.hydra if a in MODES]
+    if len({MODES[m] for m in modes}) > 1:
+        raise ConfigError([Problem(" ".join(modes), "Hydra runs one of --run, --multirun, --cfg, --info at a time")])
 
-    return run(stage, plan, **options)
+
+def _start_sweep(stage: str, checked: Any) -> Path:
+    """The sweep's own folder; for training, the data of its listed points composed once, before jobs start."""
+    from impruver.jobs import prepare_sweep
+
+    sweep_dir = _new_sweep_dir(checked.plans[0][2].output_dir)
+    if stage in ("main", "train") and checked.listable:
+        prepare_sweep([plan for _, _, plan in checked.plans])
+    return sweep_dir
 
 
-def write_run_summary(plan: Any, result: Any, overrides: list[str]) -> None:
-    """``run_summary.json`` in the output folder: what a sweep summary and people read back."""
-    import json
+def _hydra_argv(args: Args, overrides: list[str]) -> list[str]:
+    """Hydra's flags, then the overrides; ``--info [WORD]`` last, where its optional word cannot swallow an
+    override (``--info hydra/job_logging=none`` is argparse's "invalid choice")."""
+    info = [i for i, a in enumerate(args.hydra) if a in ("--info", "-i")]
+    cut = info[0] if info else len(args.hydra)
+    return [*args.hydra[:cut], *overrides, *args.hydra[cut:]]
 
-    from impruver.files import atomic_write_text
-    from impruver.sweep import RUN_SUMMARY
 
-    record = {"overrides": overrides, "output_dir": plan.output_dir}
-    if isinstance(result, dict):
-        record.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))})
-    atomic_write_text(Path(plan.output_dir, RUN_SUMMARY), json.dumps(record, indent=2, ensure_ascii=False))
+def _new_sweep_dir(output_dir: str) -> Path:
+    """A folder of its own for this sweep under ``<output_dir>/multirun``, named by the time it started."""
+    import time
+
+    from impruver.layout import RunLayout
+
+    root = RunLayout.of(output_dir).multirun
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    candidate, n = root / stamp, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stamp}-{n}"
+    return candidate
+
+
+def _summarize(sweep_dir: Path) -> None:
+    from impruver.layout import SWEEP_SUMMARY
+    from impruver.sweep import render, write_summary
+
+    summary = write_summary(sweep_dir)
+    console.print(render(summary))
+    console.print(f"summary written to {sweep_dir / SWEEP_SUMMARY}", markup=False)
+
+
+def _completing(args: Args) -> bool:
+    return any(a in ("-sc", "--shell-completion") for a in args.hydra)
+
+
+def _complete(stage: str, args: Args, config_file: str | None) -> int:
+    """Hydra's shell completion; the words it completes are overrides, so a stage word is taken out first."""
+    import os
+
+    from impruver import compose as hydra_side
+
+    if "COMP_LINE" in os.environ:
+        os.environ["COMP_LINE"] = hydra_side.completion_line(os.environ["COMP_LINE"], STAGES)
+    job = hydra_side.make_job(stage, {}, hydra_side.Precheck(), config_file, lambda *a, **k: None)
+    hydra_side.run_hydra(job, config_file=config_file, argv=[*args.hydra, *args.overrides])
+    return 0
 
 
 # -- the older form: impruver run RECIPE --config X --------------------------------------------------------
@@ -292,7 +312,7 @@ def cmd_run(argv: list[str]) -> int:
         given = argv[0] if argv else ""
         raise ConfigError([Problem("run", f"unknown recipe '{given}'; {choices_hint(given, RECIPES)}")])
     recipe, rest = argv[0], argv[1:]
-    args = split_args(rest)
+    args = split_args(rest, RECIPES[recipe])
     if "config" not in args.flags and args.overrides and _looks_like_config(args.overrides[0]):
         args.flags["config"] = args.overrides.pop(0)  # impruver run chat ./my.yaml
     return launch(RECIPES[recipe], args)

@@ -1,6 +1,7 @@
 """The job graph: the one place that says what a stage needs before it runs.
 
-``run_stage(stage, plan, **flags)`` is what the command line, sweeps and tests call with a frozen plan:
+``run_stage(stage, plan, **flags)`` is what the command line, sweeps and tests call with a frozen plan
+(``run_job`` adds the run summary a sweep reads back):
 
     main / train:  compose the data if missing or stale -> freeze plan.yaml -> train here, or start the workers
     compose:       compose the data (again with --force)
@@ -12,6 +13,10 @@ and freezes the plan once, the others wait, then all train.
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from impruver.errors import ConfigError, Problem, choices_hint
@@ -47,27 +52,72 @@ def prepare(plan: Plan, *, force: bool = False) -> None:
     plan.write()
 
 
-def run_stage(stage: str, plan: Plan, **options: Any) -> Any:
-    """Run one stage of a validated plan. The recipes are imported only here (they import torch)."""
+# Each stage's run function, imported only when it runs (the recipes import torch). Its keyword-only
+# parameters are the stage's command-line flags: chat's `prompt` is `--prompt`, compose's `force` `--force`.
+STAGE_FUNCTIONS = {
+    "main": "impruver.jobs:train_job",
+    "train": "impruver.jobs:train_job",
+    "compose": "impruver.data.pipeline:run",
+    "chat": "impruver.chat.repl:run",
+    "serve": "impruver.chat.server:run",
+    "export": "impruver.train.export:run",
+}
+
+
+def stage_function(stage: str) -> Callable[..., Any]:
+    if stage not in STAGE_FUNCTIONS:
+        raise ConfigError([Problem("", f"unknown stage '{stage}'; {choices_hint(stage, STAGES)}")])
+    module, _, name = STAGE_FUNCTIONS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_flags(stage: str) -> dict[str, bool]:
+    """The flags of a stage, from its run function's keyword-only parameters: ``{name: takes_a_value}``.
+
+    A parameter whose default is ``False`` is a switch (``--force``); any other takes a value (``--dest X``).
+    """
+    flags = {}
+    for param in inspect.signature(stage_function(stage)).parameters.values():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            flags[param.name] = param.default is not False
+    return flags
+
+
+def prepare_sweep(plans: list[Plan]) -> None:
+    """Compose the data of a sweep's jobs once, before they start (joblib runs them at once, and two jobs must
+    not compose the same folder concurrently); each job then finds its data up to date."""
+    from impruver.data import pipeline
+
+    seen: set[str] = set()
+    for plan in plans:
+        if plan.train_path not in seen:
+            seen.add(plan.train_path)
+            pipeline.ensure_composed(plan)
+
+
+def run_stage(stage: str, plan: Plan, **flags: Any) -> Any:
+    """Run one stage of a validated plan with its flags."""
+    return stage_function(stage)(plan, **flags)
+
+
+def run_job(stage: str, plan: Plan, overrides: list[str], **flags: Any) -> Any:
+    """One job of the command line or of a sweep: the stage, then (for training) ``run_summary.json`` with the
+    job's overrides and results, which a sweep's summary and people read back."""
+    result = run_stage(stage, plan, **flags)
     if stage in ("main", "train"):
-        return train_job(plan, **options)
-    if stage == "compose":
-        from impruver.data.pipeline import run as compose_data
-
-        return compose_data(plan, **options)
-    if stage == "chat":
-        from impruver.chat.repl import run as chat
-
-        return chat(plan, **options)
-    if stage == "serve":
-        from impruver.chat.server import run as serve
-
-        return serve(plan, **options)
-    if stage == "export":
-        from impruver.train.export import run as export
-
-        return export(plan, **options)
-    raise ConfigError([Problem("", f"unknown stage '{stage}'; {choices_hint(stage, STAGES)}")])
+        write_run_summary(plan, result, overrides)
+    return result
 
 
-__all__ = ["STAGES", "prepare", "run_stage", "train_job"]
+def write_run_summary(plan: Plan, result: Any, overrides: list[str]) -> None:
+    from impruver.files import atomic_write_text
+    from impruver.layout import RunLayout
+
+    record: dict[str, Any] = {"overrides": overrides, "output_dir": plan.output_dir}
+    if isinstance(result, dict):
+        record.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))})
+    atomic_write_text(RunLayout.of(plan.output_dir).run_summary, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags",
+           "stage_function", "train_job", "write_run_summary"]

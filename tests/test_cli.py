@@ -145,3 +145,52 @@ def test_ls_describes_one_component(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "formats" in out and "formats.py:" in out
     code, _, err = run_cli(capsys, "ls", "formats", "saig")
     assert code == 2 and "did you mean 'saiga'" in err
+
+
+def test_version_names_impruver_and_its_dependencies_without_importing_torch(tmp_path: Path) -> None:
+    code = "import sys; from impruver.cli import main; main(['--version']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    lines = result.stdout.splitlines()
+    from importlib.metadata import version
+
+    assert lines[0].startswith("impruver ") and lines[-1] == "False"
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core"):
+        assert f"{name} {version(name)}" in lines
+
+
+def test_info_with_and_without_a_word(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "--info")
+    assert code == 0 and "Defaults List" in out + err and "invalid choice" not in out + err
+    code, out, err = run_cli(capsys, "chat", "--info", "defaults", "method=lora")
+    assert code == 0 and "method/lora" in out + err
+
+
+@pytest.mark.parametrize("line", ["impruver chat meth", "impruver meth", "impruver export method=lora meth"])
+def test_completion_after_a_stage_word(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                       line: str) -> None:
+    """What bash's completion function runs: `impruver -sc query=bash` with COMP_LINE set to the line typed."""
+    monkeypatch.setenv("COMP_LINE", line)
+    code, out, err = run_cli(capsys, "-sc", "query=bash")
+    assert code == 0 and out.split() == ["method.", "method="], out + err
+    monkeypatch.setenv("COMP_LINE", "impruver chat method=")
+    code, out, _ = run_cli(capsys, "chat", "-sc", "query=bash")
+    assert code == 0 and "method=lora" in out.split()
+
+
+def test_stage_flags_are_the_stage_functions_keyword_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    from impruver import jobs
+
+    assert cli.command_flags("chat") == {"config": True, "prompt": True}
+    assert cli.command_flags("compose") == {"config": True, "force": False, "inspect": True}
+
+    def export(plan: object, *, dest: str | None = None, shards: int = 1, verify: bool = False) -> None:
+        """A stage that grew two options: the command line takes them with no table to edit."""
+
+    monkeypatch.setattr(jobs, "stage_function", lambda stage: export)
+    args = cli.split_args(["--shards", "3", "--verify", "--dest=x", "train.lr=1e-3"], "export")
+    assert args.flags == {"shards": "3", "verify": True, "dest": "x"} and args.overrides == ["train.lr=1e-3"]
+
+
+def test_multirun_and_cfg_together_is_a_configuration_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "-m", "train.lr=1e-3,3e-3", "--cfg", "job")
+    assert code == 2 and "Traceback" not in err

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from impruver import cli, launch
 from impruver.compose import compose
@@ -62,15 +61,6 @@ def test_multinode_needs_the_main_address() -> None:
         plan_of("hardware=multinode", "hardware.machine_rank=2")
     text = str(info.value)
     assert "hardware.main_process_ip" in text and "hardware.machine_rank" in text
-
-
-@pytest.mark.parametrize("launcher", ["submitit_slurm", "joblib"])
-def test_hydra_launchers_compose(capsys: pytest.CaptureFixture[str], launcher: str) -> None:
-    pytest.importorskip(f"hydra_plugins.hydra_{launcher.split('_')[0]}_launcher")
-    assert cli.main([f"hydra/launcher={launcher}", "--cfg", "hydra"]) == 0
-    hydra_cfg = yaml.safe_load(capsys.readouterr().out)["hydra"]
-    assert hydra_cfg["runtime"]["choices"]["hydra/launcher"] == launcher
-    assert "sweep_summary" in hydra_cfg["callbacks"]
 
 
 def test_sweep_summary_marks_the_best(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Distributed runs on the CPU (gloo): two ranks through accelerate, and a two-point sweep.
+"""Distributed runs on the CPU (gloo): two ranks through accelerate (sweeps: tests/test_sweep.py).
 
 These start real processes (`impruver` and `accelerate launch`), so they are the slowest tests of the suite.
 """
@@ -69,21 +69,3 @@ def test_accelerate_launch_form(tmp_path: Path, shared_data: list[str]) -> None:
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     assert len(list(out.rglob("plan.yaml"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["launched"], "no stray run folders"
-
-
-def test_two_point_multirun(tmp_path: Path, shared_data: list[str]) -> None:
-    out = tmp_path / "sweep"
-    run([str(IMPRUVER), "-m", *TINY, *shared_data, "train.max_steps=2", "train.lr=1e-3,3e-3",
-         f"output_dir={out}"], cwd=tmp_path)
-    jobs = sorted(p for p in (out / "multirun").iterdir() if p.is_dir())
-    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
-    for job in jobs:
-        assert (job / "model.safetensors").is_file() and (job / "plan.yaml").is_file()
-    summary = json.loads((out / "multirun" / "sweep_summary.json").read_text())
-    assert summary["jobs"] == 2
-    lrs = [float(next(o for o in r["overrides"] if o.startswith("train.lr=")).split("=")[1])
-           for r in summary["runs"]]
-    assert lrs == [1e-3, 3e-3]
-    losses = [r["eval_loss"] for r in summary["runs"]]
-    assert summary["best"] == summary["runs"][losses.index(min(losses))]["output_dir"]
-    assert sum(r["best"] for r in summary["runs"]) == 1
