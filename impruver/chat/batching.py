@@ -1,0 +1,394 @@
+"""Dynamic batching for `impruver serve`: one scheduler thread owns the model and decodes many requests at once.
+
+Requests arrive as :class:`Job` objects whose prompt is already tokenized and whose stops are already prepared
+(that work happens in the request's own thread, never here). The scheduler loop:
+
+1. admits up to ``max_batch`` jobs (those waiting longest first) and prefills them together, left-padded, with
+   per-row position ids, so each row computes what it would compute alone;
+2. picks every row's next token (greedy, or sampled with the row's own settings and generator), hands each job
+   its new text, and ends the jobs that hit EOS, a stop string, ``max_new_tokens`` or a client that went away;
+3. runs one decoding step for the rows still active, reusing the KV cache; finished rows leave the cache, and
+   when new jobs are waiting the batch is re-prefilled with them (the active rows' prompt + reply so far), so a
+   short request never waits for a long one to end.
+
+Greedy replies therefore equal ``model.generate(do_sample=False)`` for the same prompt, whether a request was
+served alone or beside others (``tests/test_serve_batching.py`` checks both).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from impruver.chat.generate import _end_of_turn_text, eos_ids
+from impruver.ui import log
+
+# What a finished job says: as in OpenAI's API, plus "interrupted" (the client went away) and "error".
+FINISH_REASONS = ("stop", "length", "interrupted", "error")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request's tokens are chosen (``generation_kwargs`` of chat/generate.py, per request)."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, kwargs: dict[str, Any], *, seed: int | None = None) -> Sampling:
+        """From ``generation_kwargs(...)``: the same settings ``model.generate`` would get."""
+        return cls(max_new_tokens=kwargs["max_new_tokens"], do_sample=kwargs["do_sample"],
+                   repetition_penalty=kwargs.get("repetition_penalty", 1.0),
+                   temperature=kwargs.get("temperature", 1.0), top_p=kwargs.get("top_p", 1.0),
+                   top_k=kwargs.get("top_k", 0), seed=seed)
+
+
+class Job:
+    """One request's reply, filled in by the scheduler thread and read by the request's thread or task.
+
+    The scheduler writes ``visible`` (text safe to show: no part of a possible stop string, no half character)
+    before it sets ``finish_reason``, and calls ``notify`` after each change; readers read ``finished`` first.
+    """
+
+    def __init__(self, prompt: list[int], sampling: Sampling, *, stops: list[str] | None = None,
+                 hold: bool = False, notify: Callable[[], None] | None = None) -> None:
+        self.prompt = list(prompt)
+        self.sampling = sampling
+        self.stops = [s for s in dict.fromkeys(stops or []) if s]
+        self.longest_stop = max((len(s) for s in self.stops), default=0)  # characters held back while streaming
+        self.hold = hold  # show nothing until the end (a reply that may be a function call)
+        self.notify = notify or (lambda: None)
+        self.ids: list[int] = []  # generated token ids, EOS included (as generate() counts them)
+        self.raw = ""  # the decoded reply so far, special tokens skipped
+        self.visible = ""  # what may be streamed: a prefix of the final text
+        self.final: str | None = None
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.queued_at = time.monotonic()
+        self.started_at: float | None = None  # admitted into a batch
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._stop_at: int | None = None  # where the earliest stop string starts in ``raw``
+        self.generator: Any = None  # a torch.Generator when sampling with a seed
+
+    # -- read by the request ----------------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The reply: cut before a matched stop string, stripped of outer whitespace (as chat/generate.py)."""
+        return self.final if self.final is not None else self._cut().strip()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+    def cancel(self) -> None:
+        """The client went away: the scheduler ends this job before its next step."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the job ends; its text (raises RuntimeError if generation failed)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the reply did not finish in time")
+        if self.error is not None:
+            raise RuntimeError(f"generation failed: {type(self.error).__name__}: {self.error}")
+        return self.text
+
+    # -- written by the scheduler -----------------------------------------------------------------------------
+
+    def _cut(self) -> str:
+        return self.raw if self._stop_at is None else self.raw[:self._stop_at]
+
+    def add(self, token: int, decode: Callable[[list[int]], str], eos: set[int]) -> None:
+        """Take the next token: update the text, find stop strings, end the job when it should end."""
+        self.ids.append(token)
+        if token in eos:
+            self._finish("stop")
+            return
+        before = len(self.raw)
+        self.raw = decode(self.ids)
+        if self.stops:
+            # The text before ``before`` held no whole stop string, so a match ends in the new part: search only
+            # the window that can hold one (cheap even for many stops: each search is over a few characters).
+            found = [i for s in self.stops if (i := self.raw.find(s, max(0, before - len(s) + 1))) >= 0]
+            if found:
+                self._stop_at = min(found)
+                self._finish("stop")
+                return
+        if len(self.ids) >= self.sampling.max_new_tokens:
+            self._finish("length")
+            return
+        self._show()
+
+    def _show(self) -> None:
+        if self.hold:
+            return
+        safe = self.raw[:len(self.raw) - self.longest_stop + 1] if self.longest_stop > 1 else self.raw
+        safe = safe.rstrip("\ufffd").strip()  # a half-decoded character waits for its next token
+        if safe != self.visible and safe.startswith(self.visible):  # a later token may re-space earlier text
+            self.visible = safe
+            self.notify()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.error = error
+        self.final = self._cut().strip()
+        self.visible = self.final
+        self.finish_reason = reason
+        self._done.set()
+        self.notify()
+
+
+class QueueFull(Exception):
+    """More requests wait than the server takes: answer 503 with Retry-After."""
+
+
+class Batcher:
+    """The scheduler: a thread that owns the model and serves every :class:`Job` in dynamic batches.
+
+    Args:
+        model: a causal LM (``transformers`` or ``peft``) in eval mode.
+        tokenizer: its tokenizer (a private copy decodes here, so tokenizing elsewhere never races with it).
+        max_batch: rows decoded together at most.
+        max_waiting: jobs that may wait for a row (reserved with :meth:`reserve`); beyond it, QueueFull.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_waiting: int = 64) -> None:
+        self.model = model
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self.eos = set(eos_ids(model, tokenizer))
+        self.end_of_turn = _end_of_turn_text(tokenizer)  # stop strings every reply has
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (min(self.eos) if self.eos else 0)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._reserved = 0  # requests between reserve() and submit() (being tokenized) or release()
+        self._condition = threading.Condition()
+        self._closed = False
+        self.active: list[Job] = []
+        self.batches = 0  # prefills run, for logs and tests
+        self.widest = 0  # the most rows decoded together so far
+        self._thread = threading.Thread(target=self._loop, name="impruver-batcher", daemon=True)
+        self._thread.start()
+
+    # -- the requests' side -----------------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Jobs reserved or queued, not yet in a batch."""
+        with self._condition:
+            return self._reserved + len(self._waiting)
+
+    def reserve(self) -> None:
+        """Hold a place in the queue before the request's heavy work; QueueFull when every place is taken."""
+        with self._condition:
+            if self._reserved + len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            self._reserved += 1
+
+    def release(self) -> None:
+        """Give back a reservation that will not be submitted (the request was refused)."""
+        with self._condition:
+            self._reserved -= 1
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job in the place :meth:`reserve` held."""
+        job.stops = [*job.stops, *(s for s in self.end_of_turn if s not in job.stops)]
+        job.longest_stop = max((len(s) for s in job.stops), default=0)
+        with self._condition:
+            if self._closed:
+                self._reserved -= 1
+                raise RuntimeError("the server is shutting down")
+            self._reserved -= 1
+            self._waiting.append(job)
+            self._condition.notify()
+        return job
+
+    def generate(self, job: Job) -> Job:
+        """Reserve, submit and return the job (for callers without a queue limit of their own)."""
+        self.reserve()
+        return self.submit(job)
+
+    def close(self) -> None:
+        """Stop the scheduler; jobs not finished end as 'interrupted'."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify()
+        self._thread.join(timeout=30)
+
+    # -- the scheduler's side ---------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        state: Any = None  # (past key values, attention mask (B, T), next-token logits (B, V))
+        with torch.inference_mode():
+            while True:
+                admitted = self._admit()
+                if admitted is None:
+                    break
+                keep = self._drop_finished()
+                try:
+                    if admitted:  # new rows join: prefill everyone (prompt + reply so far) together
+                        self.active += admitted
+                        state = self._prefill()
+                    elif keep is not None:  # rows left: drop them from the cache
+                        state = self._select(state, keep) if self.active else None
+                    if not self.active:
+                        state = None
+                        continue
+                    tokens = self._choose(state[2])
+                    for job, token in zip(self.active, tokens, strict=True):
+                        job.add(token, self._decode, self.eos)
+                    if all(job.finished for job in self.active):
+                        continue
+                    # Every row takes its token, finished ones too: their cache rows leave at the next round.
+                    state = self._step(state, tokens)
+                except Exception as exc:  # a failed forward pass ends this batch's jobs, not the server
+                    log.exception("generation failed")
+                    for job in self.active:
+                        job._finish("error", exc)
+                    self.active, state = [], None
+        for job in [*self.active, *self._waiting]:
+            job._finish("interrupted")
+
+    def _admit(self) -> list[Job] | None:
+        """Waiting jobs to add to the batch (blocking while there is nothing to do); None once closed."""
+        with self._condition:
+            while not self._closed and not self.active and not self._waiting:
+                self._condition.wait()
+            if self._closed:
+                return None
+            admitted = []
+            while self._waiting and len(self.active) + len(admitted) < self.max_batch:
+                job = self._waiting.popleft()
+                if job.cancelled:
+                    job._finish("interrupted")
+                    continue
+                job.started_at = time.monotonic()
+                admitted.append(job)
+            return admitted
+
+    def _drop_finished(self) -> list[int] | None:
+        """End cancelled jobs; the indices of the rows that stay when some left (None: no change)."""
+        for job in self.active:
+            if job.cancelled:
+                job._finish("interrupted")
+        keep = [i for i, job in enumerate(self.active) if not job.finished]
+        if len(keep) == len(self.active):
+            return None
+        self.active = [self.active[i] for i in keep]
+        return keep
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _forward(self, ids: Any, mask: Any, past: Any = None) -> tuple[Any, Any]:
+        # Position ids count real tokens only, so a left-padded row sees the positions it would see alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                         use_cache=True)
+        return out.past_key_values, out.logits[:, -1, :].float()  # (B, V) in float32, as generate() scores
+
+    def _prefill(self) -> tuple[Any, Any, Any]:
+        """One forward pass over every active row (prompt + reply so far), left-padded: (B, T)."""
+        import torch
+
+        rows = [job.prompt + job.ids for job in self.active]
+        width = max(len(r) for r in rows)
+        device = self.model.device
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, device=device)
+            mask[i, width - len(row):] = 1
+        self.batches += 1
+        self.widest = max(self.widest, len(rows))
+        past, logits = self._forward(ids, mask)
+        return past, mask, logits
+
+    def _select(self, state: tuple[Any, Any, Any], keep: list[int]) -> tuple[Any, Any, Any]:
+        """The batch without the rows that left (their cache rows dropped; re-prefilled if the cache cannot)."""
+        import torch
+
+        past, mask, logits = state
+        index = torch.tensor(keep, device=mask.device)
+        select = getattr(past, "batch_select_indices", None)
+        if select is None:
+            return self._prefill()
+        select(index)
+        return past, mask[index], logits[index]
+
+    def _step(self, state: tuple[Any, Any, Any], tokens: list[int]) -> tuple[Any, Any, Any]:
+        import torch
+
+        past, mask, _ = state
+        ids = torch.tensor(tokens, device=mask.device).unsqueeze(-1)  # (B, 1)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        past, logits = self._forward(ids, mask, past)
+        return past, mask, logits
+
+    def _choose(self, logits: Any) -> list[int]:
+        """Each row's next token from its logits (B, V), as ``generate`` would choose it for that request alone:
+        repetition penalty on the row's prompt and reply, then greedy, or temperature, top-k, top-p and a draw."""
+        import torch
+
+        chosen = []
+        for row, job in zip(logits, self.active, strict=True):
+            s = job.sampling
+            scores = row.unsqueeze(0)  # (1, V)
+            if s.repetition_penalty != 1.0:
+                seen = torch.tensor([job.prompt + job.ids], device=scores.device)
+                picked = torch.gather(scores, 1, seen)
+                picked = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+                scores = scores.scatter(1, seen, picked)
+            if not s.do_sample:
+                chosen.append(int(scores.argmax(-1)))
+                continue
+            chosen.append(_draw(scores[0] / s.temperature, s, job))
+        return chosen
+
+
+def _draw(scores: Any, s: Sampling, job: Job) -> int:
+    """A token drawn from ``scores`` (V,) after top-k and top-p filtering (top_p 0 keeps only the best token)."""
+    import torch
+
+    if s.top_k and s.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, s.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if s.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) >= s.top_p  # tokens after the nucleus is full
+        drop[0] = False
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    if job.generator is None and s.seed is not None:
+        job.generator = torch.Generator(device=scores.device).manual_seed(s.seed)
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=job.generator))
+
+
+__all__ = ["FINISH_REASONS", "Batcher", "Job", "QueueFull", "Sampling"]
