@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -308,11 +310,30 @@ class Batcher:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _forward(self, ids: Any, mask: Any, past: Any = None) -> tuple[Any, Any]:
+        """One forward pass: ids (B, T) after ``past``; returns the cache and the next-token logits (B, V)."""
         # Position ids count real tokens only, so a left-padded row sees the positions it would see alone.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                         use_cache=True)
-        return out.past_key_values, out.logits[:, -1, :].float()  # (B, V) in float32, as generate() scores
+        extra = {self._cache_name: past}
+        if self._logits_to_keep:
+            extra["logits_to_keep"] = 1  # the prefill needs the last position's logits only
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        cache = getattr(out, "cache", None)
+        cache = cache if cache is not None else out.past_key_values
+        return cache, out.logits[:, -1, :].float()  # float32, as generate() scores
+
+    @functools.cached_property
+    def _parameters(self) -> set[str]:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        return set(inspect.signature(base.forward).parameters)
+
+    @property
+    def _cache_name(self) -> str:
+        """transformers 5.2x calls the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+        return "cache" if "cache" in self._parameters else "past_key_values"
+
+    @property
+    def _logits_to_keep(self) -> bool:
+        return "logits_to_keep" in self._parameters
 
     def _prefill(self) -> tuple[Any, Any, Any]:
         """One forward pass over every active row (prompt + reply so far), left-padded: (B, T)."""

@@ -63,6 +63,8 @@ class Limits:
         max_batch: requests decoded together; max_waiting: requests waiting for a place (beyond: 503).
         retry_after_s: the Retry-After of a 503.
         keep_alive_s: an idle keep-alive connection is closed after this many seconds.
+        header_timeout_s: a connection that has not sent a whole request head in this time is closed (uvicorn
+            itself only times out connections idle after a response).
         body_timeout_s: a body not fully received in this time gets 408.
         max_connections: open connections plus requests in progress (uvicorn answers 503 beyond it).
         backlog: the listening socket's accept queue.
@@ -77,6 +79,7 @@ class Limits:
     max_waiting: int = 256
     retry_after_s: int = 1
     keep_alive_s: float = 5.0
+    header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 4096
     backlog: int = 2048
@@ -539,7 +542,8 @@ class Server:
 
         config = uvicorn.Config(self.app, lifespan="off", access_log=False, log_config=None, log_level="warning",
                                 backlog=self.limits.backlog, timeout_keep_alive=int(self.limits.keep_alive_s) or 1,
-                                limit_concurrency=self.limits.max_connections, http="h11", loop="asyncio")
+                                limit_concurrency=self.limits.max_connections, loop="asyncio",
+                                http=_protocol(self.limits.header_timeout_s))
         self._server = uvicorn.Server(config)
         return self._server
 
@@ -566,6 +570,31 @@ class Server:
             self._thread.join(timeout=15)
         self.model.batcher.close()
         self.sock.close()
+
+
+def _protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request head (slow or silent clients are dropped)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            self.loop.call_later(header_timeout_s, self._head_timeout, self.cycle)
+
+        def _head_timeout(self, cycle: Any) -> None:
+            # Still no new request since the timer was armed, and none in progress: waiting for a head too long.
+            idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 def make_server(loaded: Any, chat: ChatSpec, *, host: str, port: int, api_key: str | None = None,
