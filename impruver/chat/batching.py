@@ -375,22 +375,20 @@ class Batcher:
 
     def _choose(self, logits: Any) -> list[int]:
         """Each row's next token from its logits (B, V), as ``generate`` would choose it for that request alone:
-        repetition penalty on the row's prompt and reply, then greedy, or temperature, top-k, top-p and a draw."""
+        repetition penalty on the row's prompt and reply, then greedy, or temperature, top-k, top-p and a draw.
+        Greedy rows are read in one transfer (one device sync per step, not one per row)."""
         import torch
 
-        chosen = []
-        for row, job in zip(logits, self.active, strict=True):
-            s = job.sampling
-            scores = row.unsqueeze(0)  # (1, V)
-            if s.repetition_penalty != 1.0:
-                seen = torch.tensor([job.prompt + job.ids], device=scores.device)
-                picked = torch.gather(scores, 1, seen)
-                picked = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
-                scores = scores.scatter(1, seen, picked)
-            if not s.do_sample:
-                chosen.append(int(scores.argmax(-1)))
-                continue
-            chosen.append(_draw(scores[0] / s.temperature, s, job))
+        for i, job in enumerate(self.active):
+            penalty = job.sampling.repetition_penalty
+            if penalty != 1.0:
+                seen = torch.tensor(job.prompt + job.ids, device=logits.device)
+                picked = logits[i].gather(0, seen)
+                logits[i].scatter_(0, seen, torch.where(picked < 0, picked * penalty, picked / penalty))
+        chosen = logits.argmax(-1).tolist()
+        for i, job in enumerate(self.active):
+            if job.sampling.do_sample:
+                chosen[i] = _draw(logits[i] / job.sampling.temperature, job.sampling, job)
         return chosen
 
 
