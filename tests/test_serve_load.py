@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from test_chat_server import client, serving
-from test_chat_support import REPO, chat_dirs, chat_plan, cli_env, direct_reply, impruver_cmd  # noqa: F401
+from test_chat_support import REPO, chat_dirs, chat_plan, cli_env, direct_reply, impruver_cmd  # noqa: F401, F811
 
 from impruver.chat.batching import Batcher, Job, Sampling
 from impruver.chat.generate import render

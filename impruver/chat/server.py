@@ -13,9 +13,10 @@ Holding under load: a deep accept queue, keep-alive and body timeouts (idle conn
 not a thread), a bounded queue of waiting requests (503 with ``Retry-After`` beyond it), and limits checked
 before any heavy work (body bytes read in chunks, prompt characters, stop strings, max_tokens). A request's
 prompt is rendered and tokenized in a worker thread; generation is one scheduler thread that batches concurrent
-requests (chat/batching.py). A bad request gets a 4xx JSON error in OpenAI's shape, never a crash. Function calling: ``tools`` reach the chat template as in
-training, a reply that is a function call comes back as ``tool_calls``, and ``tool`` messages become
-function_response turns.
+requests (chat/batching.py). A bad request gets a 4xx JSON error in OpenAI's shape, never a crash.
+
+Function calling: ``tools`` reach the chat template as in training, a reply that is a function call comes back as
+``tool_calls``, and ``tool`` messages become function_response turns.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ class Limits:
 
     def prompt_chars(self, context_length: int) -> int:
         return self.max_prompt_chars or 32 * context_length
+
+    @classmethod
+    def of(cls, chat: Any) -> Limits:
+        """The defaults, with any of these names that ``plan.chat`` sets (``chat.max_batch=32``)."""
+        given = {name: getattr(chat, name) for name in cls.__dataclass_fields__
+                 if getattr(chat, name, None) is not None}
+        return cls(**given)
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
@@ -660,7 +668,7 @@ def run(plan: Plan, *, api_key: str | None = None) -> int:
     seed(plan.chat.seed)
     try:
         server = make_server(loaded, chat_settings(plan.chat, loaded.context_length), host=host, port=port,
-                             api_key=key)
+                             api_key=key, limits=Limits.of(plan.chat))
     except OSError as exc:
         raise RunError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another with "
                        f"chat.port=N (or stop what uses it)") from None
