@@ -165,6 +165,11 @@ def test_the_most_stop_strings_allowed_do_not_delay_a_short_request(served: Any)
     ({"stop": ["x" * 10_000]}, "stop"),
     ({"max_tokens": 10**9}, "messages"),
     ({"messages": [{"role": "user", "content": "a" * 10**6}]}, "messages"),
+    ({"temperature": 3}, "temperature"),
+    ({"top_p": -0.1}, "top_p"),
+    ({"max_completion_tokens": "many"}, "max_completion_tokens"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": "f"}]}]},
+     "messages[0].tool_calls"),
 ])
 def test_bad_parameters_are_400_before_any_work(served: Any, body: dict[str, Any], param: str) -> None:
     url, model = served
@@ -279,3 +284,33 @@ def test_a_host_beyond_loopback_needs_a_key(chat_dirs: dict[str, Path], monkeypa
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "API key" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_key_comes_from_the_flag_then_the_environment(chat_dirs: dict[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from impruver.chat.server import API_KEY_ENV, api_key_of, check_exposure
+
+    plan = chat_plan(chat_dirs["full"])
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert api_key_of(plan) is None
+    monkeypatch.setenv(API_KEY_ENV, "sk-env")
+    assert api_key_of(plan) == "sk-env" and api_key_of(plan, "sk-flag") == "sk-flag"
+    check_exposure("0.0.0.0", "sk-env")  # a key: any host
+    check_exposure("127.0.0.1", None)  # loopback: no key needed
+
+
+def test_many_stop_strings_cost_little_per_token(loaded: Any) -> None:
+    """Stops are matched in the text's new tail, not prepared per token: 1,000 of them over 300 tokens is quick."""
+    stops = [f"«{i}»" for i in range(1000)]
+    job = Job([1], Sampling(max_new_tokens=300), stops=stops)
+    tokens = prompt_ids(loaded, " ".join(PROMPTS))[:300]
+    started = time.monotonic()
+    for token in tokens:
+        job.add(token, lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True), set())
+    assert time.monotonic() - started < 1.0 and job.finish_reason in (None, "length")
+    job = Job([1], Sampling(max_new_tokens=300), stops=[*stops, "quick"])
+    for token in tokens:
+        job.add(token, lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True), set())
+        if job.finished:
+            break
+    assert job.finish_reason == "stop" and "quick" not in job.text and job.text.endswith("The")

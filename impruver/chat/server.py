@@ -182,8 +182,10 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     content = _content(message.get("content"), i)
     calls = message.get("tool_calls")
     if role == "assistant" and calls:
-        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-            raise BadRequest(f"messages[{i}].tool_calls must be a list of objects", param=f"messages[{i}].tool_calls")
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  and isinstance(c["function"].get("name"), str) for c in calls):
+            raise BadRequest(f"messages[{i}].tool_calls must be a list of {{type, function: {{name, arguments}}}} "
+                             f"objects", param=f"messages[{i}].tool_calls")
         return {"role": "assistant", "content": content, "tool_calls": calls}
     if content is None:
         raise BadRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
