@@ -66,8 +66,13 @@ def post(url: str, body: Any, headers: dict[str, str] | None = None, *, raw: byt
 # -- batching ---------------------------------------------------------------------------------------------------
 
 
-def test_batched_greedy_replies_equal_each_reply_alone(loaded: Any) -> None:
-    """Six prompts of different lengths and budgets: together (one joining mid-batch) = alone = generate()."""
+@pytest.mark.parametrize("joining", ["cache", "prefill"])
+def test_batched_greedy_replies_equal_each_reply_alone(loaded: Any, joining: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six prompts of different lengths and budgets: together (five joining a batch already decoding) = alone =
+    generate(). Rows join by merging KV caches, or (caches that cannot be edited) by prefilling every row again."""
+    if joining == "prefill":
+        monkeypatch.setattr("impruver.chat.batching._layers", lambda past: None)
     budgets = [24, 7, 30, 12, 18, 3]
     jobs = [(prompt_ids(loaded, p), Sampling(max_new_tokens=n, repetition_penalty=1.1))
             for p, n in zip(PROMPTS, budgets, strict=True)]

@@ -7,9 +7,11 @@ Requests arrive as :class:`Job` objects whose prompt is already tokenized and wh
    per-row position ids, so each row computes what it would compute alone;
 2. picks every row's next token (greedy, or sampled with the row's own settings and generator), hands each job
    its new text, and ends the jobs that hit EOS, a stop string, ``max_new_tokens`` or a client that went away;
-3. runs one decoding step for the rows still active, reusing the KV cache; finished rows leave the cache, and
-   when new jobs are waiting the batch is re-prefilled with them (the active rows' prompt + reply so far), so a
-   short request never waits for a long one to end.
+3. runs one decoding step for every row, reusing the KV cache; finished rows then leave the cache, and jobs
+   that arrived meanwhile are prefilled and their cache joins the batch's (left-padded), so a short request never
+   waits for a long one to end. Caches that cannot be edited so (sliding windows, quantized, static, older
+   transformers) are rebuilt instead: every row's prompt + reply so far prefilled again, the same tokens at a
+   higher cost.
 
 Greedy replies therefore equal ``model.generate(do_sample=False)`` for the same prompt, whether a request was
 served alone or beside others (``tests/test_serve_batching.py`` checks both).
@@ -255,14 +257,17 @@ class Batcher:
                     break
                 keep = self._drop_finished()
                 try:
-                    if admitted:  # new rows join: prefill everyone (prompt + reply so far) together
+                    if keep is not None:  # rows left: drop them from the cache
+                        state = self._select(state, keep) if self.active and state is not None else None
+                    if admitted:  # new rows join the rows already decoding
+                        joined = self._join(state, admitted) if state is not None else None
                         self.active += admitted
-                        state = self._prefill()
-                    elif keep is not None:  # rows left: drop them from the cache
-                        state = self._select(state, keep) if self.active else None
+                        state = joined if joined is not None else self._prefill(self.active)
                     if not self.active:
                         state = None
                         continue
+                    if state is None:
+                        state = self._prefill(self.active)
                     tokens = self._choose(state[2])
                     for job, token in zip(self.active, tokens, strict=True):
                         job.add(token, self._decode, self.eos)
@@ -335,11 +340,11 @@ class Batcher:
     def _logits_to_keep(self) -> bool:
         return "logits_to_keep" in self._parameters
 
-    def _prefill(self) -> tuple[Any, Any, Any]:
-        """One forward pass over every active row (prompt + reply so far), left-padded: (B, T)."""
+    def _prefill(self, jobs: list[Job]) -> tuple[Any, Any, Any]:
+        """One forward pass over these jobs' rows (prompt + reply so far), left-padded: (B, T)."""
         import torch
 
-        rows = [job.prompt + job.ids for job in self.active]
+        rows = [job.prompt + job.ids for job in jobs]
         width = max(len(r) for r in rows)
         device = self.model.device
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long, device=device)
@@ -360,9 +365,38 @@ class Batcher:
         index = torch.tensor(keep, device=mask.device)
         select = getattr(past, "batch_select_indices", None)
         if select is None:
-            return self._prefill()
+            return self._prefill(self.active)
         select(index)
-        return past, mask[index], logits[index]
+        mask = mask[index]
+        # Columns that only the departed rows used (padding for everyone left) leave the cache too.
+        start = int(mask.any(0).nonzero()[0])
+        if start and _layers(past) is not None:
+            for layer in _layers(past):
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+            mask = mask[:, start:]
+        return past, mask, logits[index]
+
+    def _join(self, state: tuple[Any, Any, Any], jobs: list[Job]) -> tuple[Any, Any, Any] | None:
+        """The batch with these jobs added: they are prefilled alone and their cache joins the batch's, left-padded
+        to the longer of the two; None when the cache is not one whose layers can be joined (then the caller
+        prefills every row again, which gives the same tokens at a higher cost)."""
+        import torch
+        import torch.nn.functional as F
+
+        past, mask, logits = state
+        if _layers(past) is None:
+            return None
+        new_past, new_mask, new_logits = self._prefill(jobs)
+        if _layers(new_past) is None or len(_layers(new_past)) != len(_layers(past)):
+            return None
+        width = max(mask.shape[1], new_mask.shape[1])
+        for old, new in zip(_layers(past), _layers(new_past), strict=True):  # (B, heads, T, head_dim) each
+            for name in ("keys", "values"):
+                a, b = getattr(old, name), getattr(new, name)
+                setattr(old, name, torch.cat([F.pad(a, (0, 0, width - a.shape[-2], 0)),
+                                              F.pad(b, (0, 0, width - b.shape[-2], 0))]))
+        mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
+        return past, mask, torch.cat([logits, new_logits])
 
     def _step(self, state: tuple[Any, Any, Any], tokens: list[int]) -> tuple[Any, Any, Any]:
         import torch
@@ -390,6 +424,22 @@ class Batcher:
             if job.sampling.do_sample:
                 chosen[i] = _draw(logits[i] / job.sampling.temperature, job.sampling, job)
         return chosen
+
+
+def _layers(past: Any) -> list[Any] | None:
+    """The layers of a plain ``DynamicCache`` (keys and values (B, heads, T, head_dim) that grow by
+    concatenation), which rows can join or leave by editing; None for any other cache (sliding windows,
+    quantized, static, older transformers), which the scheduler handles by prefilling again."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:
+        return None
+    layers = getattr(past, "layers", None)
+    if type(past) is not DynamicCache or not layers:
+        return None
+    if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return layers
 
 
 def _draw(scores: Any, s: Sampling, job: Job) -> int:
