@@ -438,7 +438,10 @@ class App:
         changed = asyncio.Event()
 
         def notify() -> None:  # called by the scheduler thread
-            loop.call_soon_threadsafe(changed.set)
+            try:
+                loop.call_soon_threadsafe(changed.set)
+            except RuntimeError:  # the event loop has closed (shutting down): nobody is waiting any more
+                pass
 
         model.batcher.reserve()  # QueueFull (503) before the prompt is rendered
         try:
@@ -553,6 +556,7 @@ class Server:
         config = uvicorn.Config(self.app, lifespan="off", access_log=False, log_config=None, log_level="warning",
                                 backlog=self.limits.backlog, timeout_keep_alive=int(self.limits.keep_alive_s) or 1,
                                 limit_concurrency=self.limits.max_connections, loop="asyncio",
+                                timeout_graceful_shutdown=5,  # Ctrl+C does not wait for long streams
                                 http=_protocol(self.limits.header_timeout_s))
         self._server = uvicorn.Server(config)
         return self._server
