@@ -319,3 +319,20 @@ def test_many_stop_strings_cost_little_per_token(loaded: Any) -> None:
         if job.finished:
             break
     assert job.finish_reason == "stop" and "quick" not in job.text and job.text.endswith("The")
+
+
+def test_a_client_that_goes_away_before_a_whole_reply_frees_its_row(served: Any) -> None:
+    url, model = served
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1900, "temperature": 0})
+    with socket.create_connection(address(url), timeout=10) as sock:  # not streaming: waits for the whole reply
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body.encode())}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 30
+        while not (model.last is not None and model.last.completion_tokens > 3):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    job = model.last
+    while not (job.finished and not model.batcher.active):
+        assert time.monotonic() < deadline, "the server is still generating for a client that went away"
+        time.sleep(0.01)
+    assert job.finish_reason == "interrupted" and job.completion_tokens < 1900
