@@ -83,6 +83,8 @@ class Job:
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._stop_at: int | None = None  # where the earliest stop string starts in ``raw``
+        self._window = (0, 0)  # ids[start:read] decode to the last piece of ``raw`` (incremental decoding)
+        self._decode: Callable[[list[int]], str] | None = None
         self.generator: Any = None  # a torch.Generator when sampling with a seed
 
     # -- read by the request ----------------------------------------------------------------------------------
@@ -127,12 +129,13 @@ class Job:
 
     def add(self, token: int, decode: Callable[[list[int]], str], eos: set[int]) -> None:
         """Take the next token: update the text, find stop strings, end the job when it should end."""
+        self._decode = decode
         self.ids.append(token)
         if token in eos:
             self._finish("stop")
             return
         before = len(self.raw)
-        self.raw = decode(self.ids)
+        self.raw += self._new_text(decode)
         if self.stops:
             # The text before ``before`` held no whole stop string, so a match ends in the new part: search only
             # the window that can hold one (cheap even for many stops: each search is over a few characters).
@@ -146,12 +149,23 @@ class Job:
             return
         self._show()
 
+    def _new_text(self, decode: Callable[[list[int]], str]) -> str:
+        """The text the latest token completes, decoding a window of a few tokens rather than the whole reply
+        (the same window with and without the new tokens, so a tokenizer's leading-space rules cancel out)."""
+        start, read = self._window
+        known = decode(self.ids[start:read]) if read > start else ""
+        text = decode(self.ids[start:])
+        if len(text) <= len(known) or text.endswith("\ufffd") or not text.startswith(known):
+            return ""  # a special token, or a character still incomplete: wait for the next token
+        self._window = (read, len(self.ids))
+        return text[len(known):]
+
     def _show(self) -> None:
         if self.hold:
             return
         safe = self.raw[:len(self.raw) - self.longest_stop + 1] if self.longest_stop > 1 else self.raw
-        safe = safe.rstrip("\ufffd").strip()  # a half-decoded character waits for its next token
-        if safe != self.visible and safe.startswith(self.visible):  # a later token may re-space earlier text
+        safe = safe.rstrip("\ufffd").strip()
+        if safe != self.visible and safe.startswith(self.visible):
             self.visible = safe
             self.notify()
 
@@ -159,7 +173,13 @@ class Job:
         if self.finished:
             return
         self.error = error
+        if self._decode is not None:  # the final text is the whole reply decoded at once, as generate()'s callers do
+            self.raw = self._decode(self.ids)
+            found = [i for s in self.stops if (i := self.raw.find(s)) >= 0]
+            self._stop_at = min(found) if found else None
         self.final = self._cut().strip()
+        if not self.final.startswith(self.visible):  # never: the streamed text is a prefix of the reply
+            log.warning("a streamed reply differs from its final text")
         self.visible = self.final
         self.finish_reason = reason
         self._done.set()
