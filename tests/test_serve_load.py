@@ -294,6 +294,7 @@ def test_a_host_beyond_loopback_needs_a_key(chat_dirs: dict[str, Path], monkeypa
 def test_the_key_comes_from_the_flag_then_the_environment(chat_dirs: dict[str, Path],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from impruver.chat.server import API_KEY_ENV, api_key_of, check_exposure
+    from impruver.errors import ConfigError
 
     plan = chat_plan(chat_dirs["full"])
     monkeypatch.delenv(API_KEY_ENV, raising=False)
@@ -301,7 +302,11 @@ def test_the_key_comes_from_the_flag_then_the_environment(chat_dirs: dict[str, P
     monkeypatch.setenv(API_KEY_ENV, "sk-env")
     assert api_key_of(plan) == "sk-env" and api_key_of(plan, "sk-flag") == "sk-flag"
     check_exposure("0.0.0.0", "sk-env")  # a key: any host
-    check_exposure("127.0.0.1", None)  # loopback: no key needed
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_exposure(host, None)  # loopback: no key needed
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.com"):
+        with pytest.raises(ConfigError, match="API key is required"):
+            check_exposure(host, None)
 
 
 def test_many_stop_strings_cost_little_per_token(loaded: Any) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 8 * 2**20
 API_KEY_ENV = "IMPRUVER_API_KEY"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # torch.Generator.manual_seed takes any 64-bit value, signed or not; beyond it a seed is a 400, not a 500.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -644,9 +644,19 @@ def api_key_of(plan: Plan, flag: str | None = None) -> str | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def check_exposure(host: str, api_key: str | None) -> None:
     """A server reachable from other machines must ask for a key; refuse to start otherwise (exit status 2)."""
-    if host not in LOOPBACK and not api_key:
+    if not is_loopback(host) and not api_key:
         raise ConfigError([Problem("chat.api_key", f"chat.host={host} lets other machines in, so an API key is "
                                    f"required: pass --api-key KEY or set {API_KEY_ENV} (or serve on "
                                    f"chat.host=127.0.0.1)")])
