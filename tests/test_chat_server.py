@@ -33,7 +33,7 @@ def full_server(chat_dirs: dict[str, Path]) -> Iterator[tuple[str, Any]]:
         yield url, loaded
 
 
-SERVERS: dict[str, Any] = {}  # base URL -> the server's Model (its lock and latest reply)
+SERVERS: dict[str, Any] = {}  # base URL -> the server's Model (its scheduler and latest reply)
 
 
 def full_server_model(url: str) -> Any:
@@ -43,20 +43,17 @@ def full_server_model(url: str) -> Any:
 class serving:  # noqa: N801  used like a function: `with serving(...) as url`
     """Run make_server's server in a thread for the duration of a with block."""
 
-    def __init__(self, loaded: Any, chat: Any) -> None:
-        self.server = make_server(loaded, chat, host="127.0.0.1", port=0)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    def __init__(self, loaded: Any, chat: Any, **options: Any) -> None:
+        self.server = make_server(loaded, chat, host="127.0.0.1", port=0, **options)
 
     def __enter__(self) -> str:
-        self.thread.start()
-        url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        SERVERS[url] = self.server.RequestHandlerClass.model
+        self.server.start()
+        url = f"http://127.0.0.1:{self.server.port}/v1"
+        SERVERS[url] = self.server.model
         return url
 
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
 
 
 def client(url: str) -> Any:
@@ -179,7 +176,7 @@ def test_openai_client_sees_bad_requests_and_the_server_keeps_going(full_server:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100000000\r\n\r\n")
         reply = sock.makefile("rb").read()
-    assert reply.startswith(b"HTTP/1.0 413") and b'"invalid_request_error"' in reply
+    assert reply.startswith(b"HTTP/1.1 413") and b'"invalid_request_error"' in reply
     assert api.chat.completions.create(model="full", messages=HELLO, temperature=0, max_tokens=3).choices
 
 
@@ -195,10 +192,9 @@ def test_client_that_goes_away_mid_stream_stops_the_generation(full_server: tupl
     connection.close()  # gone after the first event, long before 1900 tokens
     model = full_server_model(url)
     deadline = time.monotonic() + 60
-    while not (model.last is not None and model.last.done and model.lock.acquire(blocking=False)):
+    while not (model.last is not None and model.last.finished and not model.batcher.active):
         assert time.monotonic() < deadline, "the server is still generating for a client that went away"
         time.sleep(0.05)
-    model.lock.release()
     assert model.last.finish_reason == "interrupted" and model.last.completion_tokens < 1900
     assert client(url).chat.completions.create(model="full", messages=HELLO, max_tokens=3).choices
 

@@ -1,37 +1,99 @@
-"""`impruver serve`: an OpenAI-compatible HTTP endpoint for the model a run trained (standard library only).
+"""`impruver serve`: an OpenAI-compatible HTTP endpoint for the model a run trained (uvicorn + starlette).
 
     impruver serve output_dir=outputs/demo chat.port=8000
     curl http://127.0.0.1:8000/v1/chat/completions \
         -d '{"model": "demo", "messages": [{"role": "user", "content": "Hi"}]}'
+    IMPRUVER_API_KEY=sk-... impruver serve chat.host=0.0.0.0      # any other host than loopback needs a key
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events, as OpenAI's
-API does); any ``model`` name is accepted, since one model is served. It binds to ``chat.host`` (127.0.0.1 unless
-the config says otherwise). Requests are answered one at a time (one model, one generation); a bad request gets
-a 4xx JSON error in OpenAI's shape, never a crash. Function calling: ``tools`` reach the chat template as in
-training, a reply that is a function call comes back as ``tool_calls``, and ``tool`` messages become
-function_response turns.
+API does), ``GET /health``; any ``model`` name is accepted, since one model is served. It binds to ``chat.host``
+(127.0.0.1 unless the config says otherwise); with an API key every /v1 route wants ``Authorization: Bearer KEY``.
+
+Holding under load: a deep accept queue, keep-alive and body timeouts (idle connections cost an asyncio task,
+not a thread), a bounded queue of waiting requests (503 with ``Retry-After`` beyond it), and limits checked
+before any heavy work (body bytes read in chunks, prompt characters, stop strings, max_tokens). A request's
+prompt is rendered and tokenized in a worker thread; generation is one scheduler thread that batches concurrent
+requests (chat/batching.py). A bad request gets a 4xx JSON error in OpenAI's shape, never a crash.
+
+Function calling: ``tools`` reach the chat template as in training, a reply that is a function call comes back as
+``tool_calls``, and ``tool`` messages become function_response turns.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
+import math
+import os
+import socket
 import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from impruver.chat.generate import (CALL_ROLE, RESPONSE_ROLE, Generation, generation_kwargs, parse_function_call,
-                                    render)
-from impruver.errors import ImpruverError, RunError
+from impruver.chat.batching import Batcher, Job, QueueFull, Sampling
+from impruver.chat.generate import CALL_ROLE, RESPONSE_ROLE, generation_kwargs, parse_function_call, render
+from impruver.errors import ConfigError, Problem, RunError
 from impruver.ui import console, log
 
 if TYPE_CHECKING:
     from impruver.plan import ChatSpec, Plan
 
 MAX_BODY_BYTES = 8 * 2**20
+API_KEY_ENV = "IMPRUVER_API_KEY"
+# torch.Generator.manual_seed takes any 64-bit value, signed or not; beyond it a seed is a 400, not a 500.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask and how much the server holds; checked before any heavy work.
+
+    Attributes:
+        max_body_bytes: request body size; larger bodies get 413 (read and dropped up to ``drain_bytes``, so the
+            client that sent one whole reads the answer instead of a broken pipe).
+        drain_bytes: a body announced larger than this is refused at once and the connection closed.
+        max_prompt_chars: characters of all messages and tool schemas (None: 32 per token of context, far more
+            than any prompt that fits, so the check only stops prompts that could never fit).
+        max_stops, max_stop_chars: stop strings per request and characters per stop string (OpenAI takes 4).
+        max_batch: requests decoded together; max_waiting: requests waiting for a place (beyond: 503).
+        retry_after_s: the Retry-After of a 503.
+        keep_alive_s: an idle keep-alive connection is closed after this many seconds.
+        header_timeout_s: a connection that has not sent a whole request head in this time is closed (uvicorn
+            itself only times out connections idle after a response).
+        body_timeout_s: a body not fully received in this time gets 408.
+        max_connections: open connections plus requests in progress (uvicorn answers 503 beyond it).
+        backlog: the listening socket's accept queue.
+    """
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    drain_bytes: int = 64 * 2**20
+    max_prompt_chars: int | None = None
+    max_stops: int = 16
+    max_stop_chars: int = 256
+    max_batch: int = 16
+    max_waiting: int = 256
+    retry_after_s: int = 1
+    keep_alive_s: float = 5.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 4096
+    backlog: int = 2048
+
+    def prompt_chars(self, context_length: int) -> int:
+        return self.max_prompt_chars or 32 * context_length
+
+    @classmethod
+    def of(cls, chat: Any) -> Limits:
+        """The defaults, with any of these names that ``plan.chat`` sets (``chat.max_batch=32``)."""
+        given = {name: getattr(chat, name) for name in cls.__dataclass_fields__
+                 if getattr(chat, name, None) is not None}
+        return cls(**given)
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
@@ -65,8 +127,12 @@ class Request:
 # -- parsing requests (pure, testable without a model) --------------------------------------------------------
 
 
-def parse_request(body: Any) -> Request:
-    """Check a /v1/chat/completions body; raise BadRequest naming the parameter at fault."""
+def parse_request(body: Any, limits: Limits | None = None, *, max_prompt_chars: int | None = None) -> Request:
+    """Check a /v1/chat/completions body; raise BadRequest naming the parameter at fault.
+
+    Pure and cheap: it runs before the prompt is rendered or tokenized, so an oversized request costs nothing.
+    """
+    limits = limits or Limits()
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     messages = body.get("messages")
@@ -79,9 +145,19 @@ def parse_request(body: Any) -> Request:
     stops = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise BadRequest("'stop' must be a string or a list of strings", param="stop")
+    if len(stops) > limits.max_stops:
+        raise BadRequest(f"at most {limits.max_stops} stop strings are allowed, got {len(stops)}", param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise BadRequest(f"a stop string may have at most {limits.max_stop_chars} characters", param="stop")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise BadRequest("'tools' must be a list", param="tools")
+    chars = sum(len(m["content"] or "") + len(json.dumps(m.get("tool_calls") or "")) for m in parsed)
+    chars += len(json.dumps(tools, ensure_ascii=False)) if tools else 0
+    if max_prompt_chars is not None and chars > max_prompt_chars:
+        raise BadRequest(f"the messages and tools have {chars} characters; this server takes at most "
+                         f"{max_prompt_chars} (far more than the model's context holds)", param="messages",
+                         code="context_length_exceeded")
     options = body.get("stream_options") or {}
     return Request(
         messages=parsed,
@@ -89,7 +165,7 @@ def parse_request(body: Any) -> Request:
         max_tokens=_number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1),
         temperature=_number(body, "temperature", float, 0, 2),
         top_p=_number(body, "top_p", float, 0, 1),
-        seed=_number(body, "seed", int),
+        seed=_number(body, "seed", int, *SEED_RANGE),
         stop=stops,
         tools=tools or None,  # as given: templates that read `tools` expect OpenAI's {type, function} objects
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
@@ -106,8 +182,10 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     content = _content(message.get("content"), i)
     calls = message.get("tool_calls")
     if role == "assistant" and calls:
-        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
-            raise BadRequest(f"messages[{i}].tool_calls must be a list of objects", param=f"messages[{i}].tool_calls")
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  and isinstance(c["function"].get("name"), str) for c in calls):
+            raise BadRequest(f"messages[{i}].tool_calls must be a list of {{type, function: {{name, arguments}}}} "
+                             f"objects", param=f"messages[{i}].tool_calls")
         return {"role": "assistant", "content": content, "tool_calls": calls}
     if content is None:
         raise BadRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
@@ -145,6 +223,8 @@ def _number(body: dict[str, Any], key: str, kind: type, low: float | None = None
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise BadRequest(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", param=key)
+    if isinstance(value, float) and not math.isfinite(value):  # json.loads takes NaN and Infinity
+        raise BadRequest(f"'{key}' must be a finite number, got {value}", param=key)
     if (low is not None and value < low) or (high is not None and value > high):
         raise BadRequest(f"'{key}' must be between {low} and {high}, got {value}", param=key)
     return kind(value)
@@ -154,13 +234,18 @@ def _number(body: dict[str, Any], key: str, kind: type, low: float | None = None
 
 
 class Model:
-    """The loaded model, its settings and a lock: one generation at a time."""
+    """The loaded model, its settings and the batching scheduler that generates for every request."""
 
-    def __init__(self, loaded: Any, chat: ChatSpec) -> None:
+    def __init__(self, loaded: Any, chat: ChatSpec, limits: Limits | None = None) -> None:
         self.loaded = loaded
         self.chat = chat
-        self.lock = threading.Lock()
-        self.last: Generation | None = None  # the latest reply, for logs and tests
+        self.limits = limits or Limits()
+        self.batcher = Batcher(loaded.model, loaded.tokenizer, max_batch=self.limits.max_batch,
+                               max_waiting=self.limits.max_waiting)
+        # Rendering and tokenizing happen in request threads, one at a time: a fast tokenizer's settings are
+        # shared state, and this work is short once the prompt-size limit has been checked.
+        self.prepare_lock = threading.Lock()
+        self.last: Job | None = None  # the latest reply, for logs and tests
 
     def conversation(self, request: Request) -> list[dict[str, Any]]:
         """OpenAI messages in impruver's roles: tool calls and their results become function turns."""
@@ -185,25 +270,31 @@ class Model:
                 turns.append({"role": m["role"], "content": m["content"]})
         return turns
 
-    def start(self, request: Request) -> Generation:
-        """Render the prompt, check it fits, and start generating (the caller holds ``lock``)."""
-        import torch
+    def check(self, request: Request) -> None:
+        """What can be refused before the prompt is rendered: max_tokens beyond the whole context."""
+        context = self.loaded.context_length
+        if request.max_tokens and request.max_tokens >= context:
+            raise BadRequest(f"this model's context is {context} tokens and {request.max_tokens} new tokens were "
+                             f"asked for. Shorten max_tokens.", param="messages", code="context_length_exceeded")
 
-        try:
-            ids = render(self.loaded.tokenizer, self.conversation(request), tools=request.tools)
-        except RunError as exc:  # the model's chat template refuses this conversation (a role, an order...)
-            raise BadRequest(str(exc), param="messages") from None
+    def prepare(self, request: Request, notify: Any = None) -> Job:
+        """Render the prompt, check it fits, and make its job (in the request's thread, not the scheduler's)."""
+        self.check(request)
+        with self.prepare_lock:
+            try:
+                ids = render(self.loaded.tokenizer, self.conversation(request), tools=request.tools)
+            except RunError as exc:  # the model's chat template refuses this conversation (a role, an order...)
+                raise BadRequest(str(exc), param="messages") from None
         room = self.loaded.context_length - len(ids)
         wanted = request.max_tokens or self.chat.max_new_tokens
         if room < 1 or (request.max_tokens and request.max_tokens > room):
             raise BadRequest(f"this model's context is {self.loaded.context_length} tokens; the messages take "
                              f"{len(ids)} and {wanted} more were asked for. Shorten the messages or max_tokens.",
                              param="messages", code="context_length_exceeded")
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
         kwargs = generation_kwargs(self.chat, max_new_tokens=min(wanted, room), temperature=request.temperature,
                                    top_p=request.top_p)
-        self.last = Generation(self.loaded.model, self.loaded.tokenizer, ids, kwargs, stop_strings=request.stop)
+        self.last = Job(ids, Sampling.of(kwargs, seed=request.seed), stops=request.stop,
+                        hold=bool(request.tools), notify=notify)
         return self.last
 
 
@@ -219,7 +310,7 @@ def tool_calls(call: dict[str, Any]) -> list[dict[str, Any]]:
                           else json.dumps(arguments, ensure_ascii=False)}}]
 
 
-def finish(reply: Generation, request: Request) -> tuple[dict[str, Any], str]:
+def finish(reply: Job, request: Request) -> tuple[dict[str, Any], str]:
     """The reply as an OpenAI message, and its finish_reason."""
     text = reply.text
     call = parse_function_call(text, allow_json=bool(request.tools))
@@ -229,205 +320,384 @@ def finish(reply: Generation, request: Request) -> tuple[dict[str, Any], str]:
     return {"role": "assistant", "content": text}, reason
 
 
-def usage(reply: Generation) -> dict[str, int]:
+def usage(reply: Job) -> dict[str, int]:
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
             "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
-class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.0 handler: each response ends by closing the connection, which suits server-sent events."""
+def _error(exc: BadRequest, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import JSONResponse
 
-    server_version = "impruver"
-    model: Model  # set on the subclass made by make_server
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  the base class's name
-        log.info("%s %s", self.address_string(), format % args)
 
-    def do_GET(self) -> None:  # noqa: N802  http.server's naming
-        self._guard(self._get)
+def _server_error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._guard(self._post)
 
-    def _not_allowed(self) -> None:
-        raise BadRequest(f"{self.command} is not supported; routes: GET /v1/models, POST /v1/chat/completions",
-                         status=405, code="method_not_allowed")
+ROUTES_HINT = "routes: GET /v1/models, POST /v1/chat/completions"
 
-    def do_PUT(self) -> None:  # noqa: N802
-        self._guard(self._not_allowed)
 
-    do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_PUT  # noqa: N815
+class App:
+    """The ASGI application: routes, the API key, body limits and the bridge to the scheduler."""
 
-    def _guard(self, handler: Any) -> None:
-        """Every failure becomes a JSON error; nothing escapes to the server thread."""
+    def __init__(self, model: Model, *, api_key: str | None = None) -> None:
+        self.model = model
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        from starlette.requests import Request as HTTPRequest
+
+        if scope["type"] != "http":  # lifespan and websockets: nothing to set up, nothing served
+            return
+        request = HTTPRequest(scope, receive)
         try:
-            handler()
+            response = await self._route(request)
         except BadRequest as exc:
-            self._json(exc.status, exc.body())
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away
-        except ImpruverError as exc:
-            self._json(500, {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+            response = _error(exc, {"Connection": "close"} if exc.status in (408, 413) else None)
+        except QueueFull as exc:
+            response = _error(BadRequest(f"the server is busy ({exc}); retry later", status=503,
+                                         kind="server_error", code="overloaded"),
+                              {"Retry-After": str(self.model.limits.retry_after_s)})
         except Exception as exc:  # a bug must not take the server down; the client is told
             log.exception("request failed")
-            self._json(500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error",
-                                       "param": None, "code": None}})
+            from starlette.responses import JSONResponse
 
-    def _get(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
+            response = JSONResponse(_server_error(f"{type(exc).__name__}: {exc}"), status_code=500)
+        await response(scope, receive, send)
+
+    async def _route(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        path, method = request.url.path.rstrip("/"), request.method
         name = self.model.loaded.name
+        if path in ("", "/health"):
+            return JSONResponse({"status": "ok", "model": name})
+        self._authorize(request)
+        routes = {"/v1/models": "GET", f"/v1/models/{name}": "GET", "/v1/chat/completions": "POST"}
+        if path not in routes:
+            raise BadRequest(f"no route {method} {request.url.path}; {ROUTES_HINT}", status=404, code="not_found")
+        if method != routes[path]:
+            raise BadRequest(f"{method} is not supported; {ROUTES_HINT}", status=405, code="method_not_allowed")
         if path == "/v1/models":
-            self._json(200, {"object": "list", "data": [_model_card(name)]})
-        elif path == f"/v1/models/{name}":
-            self._json(200, _model_card(name))
-        elif path in ("", "/health"):
-            self._json(200, {"status": "ok", "model": name})
-        elif path == "/v1/chat/completions":
-            self._not_allowed()
-        else:
-            raise BadRequest(f"no route GET {self.path}; routes: GET /v1/models, POST /v1/chat/completions",
-                             status=404, code="not_found")
+            return JSONResponse({"object": "list", "data": [_model_card(name)]})
+        if path != "/v1/chat/completions":
+            return JSONResponse(_model_card(name))
+        return await self._chat(request)
 
-    def _post(self) -> None:
-        if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
-            raise BadRequest(f"no route POST {self.path}; routes: GET /v1/models, POST /v1/chat/completions",
-                             status=404, code="not_found")
-        request = parse_request(self._body())
-        with self.model.lock:
-            reply = self.model.start(request)
-            try:
-                self._stream(reply, request) if request.stream else self._complete(reply, request)
-            finally:
-                if not reply.done:
-                    reply.stop()  # a client that went away ends the generation too
-                log.info("%d prompt + %d completion tokens (%s)", reply.prompt_tokens, reply.completion_tokens,
-                         reply.finish_reason)
+    def _authorize(self, request: Any) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Constant-time comparison: the time taken tells nothing about how much of a guess was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key):
+            raise BadRequest("a valid API key is required: send 'Authorization: Bearer <key>'", status=401,
+                             code="invalid_api_key")
 
-    def _body(self) -> Any:
+    async def _body(self, request: Any) -> Any:
+        """The JSON body, read in chunks with a cap (413 beyond it) and a deadline (408)."""
+        limits = self.model.limits
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            announced = int(request.headers.get("content-length") or -1)
         except ValueError:
             raise BadRequest("bad Content-Length header") from None
-        if length <= 0:
-            raise BadRequest("the request needs a JSON body")
-        if length > MAX_BODY_BYTES:
-            raise BadRequest(f"the body is over {MAX_BODY_BYTES} bytes", status=413)
-        raw = self.rfile.read(length)
+        too_large = BadRequest(f"the body is over {limits.max_body_bytes} bytes", status=413)
+        if announced > limits.drain_bytes:  # not worth reading: answered now, the connection then closed
+            raise too_large
+        chunks, size = [], 0
         try:
-            return json.loads(raw)
+            async with asyncio.timeout(limits.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size <= limits.max_body_bytes:
+                        chunks.append(chunk)
+                    elif size > limits.drain_bytes:
+                        raise too_large
+                    # Between the two limits the rest is read and dropped, so the client sees the 413.
+        except TimeoutError:
+            raise BadRequest(f"the body did not arrive within {limits.body_timeout_s:g} s", status=408) from None
+        if size > limits.max_body_bytes:
+            raise too_large
+        if size == 0:
+            raise BadRequest("the request needs a JSON body")
+        try:
+            return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"the body is not valid JSON: {exc}") from None
 
-    def _complete(self, reply: Generation, request: Request) -> None:
-        reply.wait()
-        message, reason = finish(reply, request)
-        self._json(200, {
+    async def _chat(self, http: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import StreamingResponse
+
+        model = self.model
+        body = await self._body(http)
+        request = parse_request(body, model.limits,
+                                max_prompt_chars=model.limits.prompt_chars(model.loaded.context_length))
+        model.check(request)
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def notify() -> None:  # called by the scheduler thread
+            try:
+                loop.call_soon_threadsafe(changed.set)
+            except RuntimeError:  # the event loop has closed (shutting down): nobody is waiting any more
+                pass
+
+        model.batcher.reserve()  # QueueFull (503) before the prompt is rendered
+        try:
+            job = await run_in_threadpool(model.prepare, request, notify)
+        except BaseException:
+            model.batcher.release()
+            raise
+        model.batcher.submit(job)
+        if request.stream:
+            return StreamingResponse(self._events(job, request, changed), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await self._complete(http, job, request, changed)
+
+    async def _complete(self, http: Any, job: Job, request: Request, changed: asyncio.Event) -> Any:
+        from starlette.responses import JSONResponse
+
+        gone = asyncio.ensure_future(_disconnected(http))
+        try:
+            while not job.finished:
+                waiter = asyncio.ensure_future(changed.wait())
+                await asyncio.wait([waiter, gone], return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                changed.clear()
+                if gone.done():
+                    job.cancel()  # the client went away: its row leaves the batch
+                    break
+        finally:
+            gone.cancel()
+        _log(job)
+        if job.finish_reason == "error":
+            return JSONResponse(_server_error(f"generation failed: {job.error}"), status_code=500)
+        message, reason = finish(job, request)
+        return JSONResponse({
             "id": completion_id(), "object": "chat.completion", "created": int(time.time()),
             "model": self.model.loaded.name, "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "finish_reason": reason, "logprobs": None}],
-            "usage": usage(reply),
+            "usage": usage(job),
         })
 
-    def _stream(self, reply: Generation, request: Request) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
+    async def _events(self, job: Job, request: Request, changed: asyncio.Event) -> AsyncIterator[str]:
+        """Server-sent events; starlette cancels this when the client goes away, which cancels the job."""
         base = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model.loaded.name, "system_fingerprint": None}
 
-        def send(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> None:
-            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}],
-                     **extra}
-            self._event(json.dumps(chunk, ensure_ascii=False))
+        def event(delta: dict[str, Any], reason: str | None = None) -> str:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-        send({"role": "assistant", "content": ""})
-        held = bool(request.tools) or bool(request.stop)  # a call or a stop string is known only at the end
         shown = ""
         try:
-            for piece in reply:
-                if not held:
-                    piece = piece.lstrip() if not shown else piece
-                    shown += piece
-                    if piece:
-                        send({"content": piece})
-        except ImpruverError as exc:  # the headers are sent: report it in the stream, as OpenAI does
-            self._event(json.dumps({"error": {"message": str(exc), "type": "server_error", "param": None,
-                                              "code": None}}))
+            yield event({"role": "assistant", "content": ""})
+            while True:
+                done = job.finished  # read before the text: the scheduler writes the text first
+                visible = job.visible
+                if not job.hold and len(visible) > len(shown) and visible.startswith(shown):
+                    yield event({"content": visible[len(shown):]})
+                    shown = visible
+                if done:
+                    break
+                await changed.wait()
+                changed.clear()
+        finally:
+            if not job.finished:
+                job.cancel()
+        _log(job)
+        if job.finish_reason == "error":  # the headers are sent: report it in the stream, as OpenAI does
+            yield f"data: {json.dumps(_server_error(f'generation failed: {job.error}'))}\n\n"
             return
-        message, reason = finish(reply, request)
-        if held and message.get("tool_calls"):
-            send({"tool_calls": [{"index": 0, **message["tool_calls"][0]}]})
-        elif held and message["content"]:
-            send({"content": message["content"]})
-        send({}, reason)
+        message, reason = finish(job, request)
+        if job.hold and message.get("tool_calls"):
+            yield event({"tool_calls": [{"index": 0, **message["tool_calls"][0]}]})
+        elif job.hold and message["content"]:
+            yield event({"content": message["content"]})
+        yield event({}, reason)
         if request.include_usage:
-            self._event(json.dumps({**base, "choices": [], "usage": usage(reply)}))
-        self._event("[DONE]")
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage(job)})}\n\n"
+        yield "data: [DONE]\n\n"
 
-    def _event(self, data: str) -> None:
-        self.wfile.write(f"data: {data}\n\n".encode())
-        self.wfile.flush()
 
-    def _json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+async def _disconnected(http: Any) -> None:
+    """Returns once the client has gone away (the body is read, so the next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _log(job: Job) -> None:
+    log.info("%d prompt + %d completion tokens (%s)", job.prompt_tokens, job.completion_tokens, job.finish_reason)
 
 
 def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "impruver"}
 
 
-def make_server(loaded: Any, chat: ChatSpec, *, host: str, port: int) -> ThreadingHTTPServer:
-    """An HTTP server for ``loaded`` on ``host:port`` (port 0: a free one; see ``server.server_address``)."""
-    handler = type("BoundHandler", (Handler,), {"model": Model(loaded, chat)})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+@dataclass
+class Server:
+    """uvicorn serving :class:`App` on a socket bound at construction (so the port is known and errors early)."""
+
+    model: Model
+    app: App
+    sock: socket.socket
+    limits: Limits
+    _server: Any = None
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def _uvicorn(self) -> Any:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, lifespan="off", access_log=False, log_config=None, log_level="warning",
+                                backlog=self.limits.backlog, timeout_keep_alive=int(self.limits.keep_alive_s) or 1,
+                                limit_concurrency=self.limits.max_connections, loop="asyncio",
+                                timeout_graceful_shutdown=5,  # Ctrl+C does not wait for long streams
+                                http=_protocol(self.limits.header_timeout_s))
+        self._server = uvicorn.Server(config)
+        return self._server
+
+    def serve_forever(self) -> None:
+        """Serve until Ctrl+C (in the main thread) or :meth:`shutdown`."""
+        self._uvicorn().run(sockets=[self.sock])
+
+    def start(self) -> Server:
+        """Serve in a background thread (tests, benchmarks); returns once it accepts connections."""
+        server = self._uvicorn()
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RunError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+        self.model.batcher.close()
+        self.sock.close()
+
+
+def _protocol(header_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request head (slow or silent clients are dropped)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()
+
+        def _arm_head_timer(self) -> None:
+            self.loop.call_later(header_timeout_s, self._head_timeout, self.cycle)
+
+        def _head_timeout(self, cycle: Any) -> None:
+            # Still no new request since the timer was armed, and none in progress: waiting for a head too long.
+            idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
+def make_server(loaded: Any, chat: ChatSpec, *, host: str, port: int, api_key: str | None = None,
+                limits: Limits | None = None) -> Server:
+    """A server for ``loaded`` on ``host:port`` (port 0: a free one; see ``server.port``).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    limits = limits or Limits()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(limits.backlog)  # the accept queue: 50 clients at once must not meet a reset
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    model = Model(loaded, chat, limits)
+    return Server(model=model, app=App(model, api_key=api_key), sock=sock, limits=limits)
 
 
 # -- the stage -------------------------------------------------------------------------------------------------
 
 
-def run(plan: Plan) -> int:
+def api_key_of(plan: Plan, flag: str | None = None) -> str | None:
+    """The API key: ``--api-key``, else ``$IMPRUVER_API_KEY``, else ``chat.api_key`` (never logged or written)."""
+    for key in (flag, os.environ.get(API_KEY_ENV), getattr(plan.chat, "api_key", None)):
+        if key:
+            return key.get_secret_value() if hasattr(key, "get_secret_value") else str(key)
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """A server reachable from other machines must ask for a key; refuse to start otherwise (exit status 2)."""
+    if not is_loopback(host) and not api_key:
+        raise ConfigError([Problem("chat.api_key", f"chat.host={host} lets other machines in, so an API key is "
+                                   f"required: pass --api-key KEY or set {API_KEY_ENV} (or serve on "
+                                   f"chat.host=127.0.0.1)")])
+
+
+def run(plan: Plan, *, api_key: str | None = None) -> int:
     """`impruver serve`: load ``plan.output_dir`` and answer OpenAI-style requests until Ctrl+C.
 
     Args:
         plan: the validated plan; ``plan.chat`` gives the host, port and default generation settings.
+        api_key: the ``--api-key`` flag (else ``$IMPRUVER_API_KEY`` or ``chat.api_key``); required when
+            ``chat.host`` is not a loopback address.
 
     Returns:
-        0 after Ctrl+C (problems raise :class:`~impruver.errors.RunError`, exit status 2).
+        0 after Ctrl+C (problems raise :class:`~impruver.errors.ImpruverError`, exit status 2).
     """
     from impruver.chat.load import chat_settings, load, locate, quiet_libraries, seed
 
+    host, port = plan.chat.host, plan.chat.port
+    key = api_key_of(plan, api_key)
+    check_exposure(host, key)  # before anything loads
     locate(plan.output_dir, model_path=plan.model.path)  # fail before importing torch
     quiet_libraries()
     loaded = load(plan)
     seed(plan.chat.seed)
-    host, port = plan.chat.host, plan.chat.port
     try:
-        server = make_server(loaded, chat_settings(plan.chat, loaded.context_length), host=host, port=port)
+        server = make_server(loaded, chat_settings(plan.chat, loaded.context_length), host=host, port=port,
+                             api_key=key, limits=Limits.of(plan.chat))
     except OSError as exc:
         raise RunError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another with "
                        f"chat.port=N (or stop what uses it)") from None
-    address = f"http://{host}:{server.server_address[1]}/v1"
-    console.print(f"serving {loaded.describe()}\n  OpenAI-compatible API at {address} (model '{loaded.name}'); "
-                  f"Ctrl+C stops", markup=False)
+    address = f"http://{host}:{server.port}/v1"
+    console.print(f"serving {loaded.describe()}\n  OpenAI-compatible API at {address} (model '{loaded.name}'"
+                  f"{', API key required' if key else ''}); Ctrl+C stops", markup=False)
     sys.stdout.flush()  # scripts wait for this line to know the server is up
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this machine can use the model (no authentication)",
-                    host)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        console.print("stopped", markup=False)
+        pass
     finally:
-        server.server_close()
+        server.model.batcher.close()
+        server.sock.close()
+    console.print("stopped", markup=False)
     return 0
