@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError, field_validator
 
 from impruver.errors import Problem, choices_hint
 
@@ -200,6 +200,9 @@ class ChatSpec(Spec):
     system_prompt: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, gt=0, lt=65536)
+    # `impruver serve`'s Bearer key (required off loopback); also --api-key or $IMPRUVER_API_KEY. Never written to
+    # plan.yaml, a log or a card: excluded from every dump.
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
 
 
 class MemoryEstimate(Spec):
