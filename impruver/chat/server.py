@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from impruver.chat.generate import (CALL_ROLE, RESPONSE_ROLE, Generation, generation_kwargs, parse_function_call,
-                                    render)
+from impruver import toolcalls
+from impruver.chat.generate import CALL_ROLE, RESPONSE_ROLE, Generation, generation_kwargs, render
 from impruver.errors import ImpruverError, RunError
 from impruver.ui import console, log
 
@@ -170,15 +170,11 @@ class Model:
         for m in request.messages:
             if m.get("tool_calls"):
                 for call in m["tool_calls"]:
-                    function = call.get("function") or {}
-                    arguments = function.get("arguments", "{}")
                     try:
-                        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-                    except ValueError:
-                        pass
-                    content = json.dumps({"name": function.get("name", ""), "arguments": arguments},
-                                          ensure_ascii=False)
-                    turns.append({"role": CALL_ROLE, "content": content})
+                        found = toolcalls.from_openai(call, strict=False)
+                    except toolcalls.ToolCallError as exc:
+                        raise BadRequest(f"messages: {exc}", param="messages") from None
+                    turns.append({"role": CALL_ROLE, "content": toolcalls.content_of(found)})
             elif m["role"] in ("tool", "function"):
                 turns.append({"role": RESPONSE_ROLE, "content": m["content"]})
             else:
@@ -212,17 +208,13 @@ def completion_id() -> str:
 
 
 def tool_calls(call: dict[str, Any]) -> list[dict[str, Any]]:
-    arguments = call["arguments"]
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"],
-                          "arguments": arguments if isinstance(arguments, str)
-                          else json.dumps(arguments, ensure_ascii=False)}}]
+    return [toolcalls.to_openai(call)]
 
 
 def finish(reply: Generation, request: Request) -> tuple[dict[str, Any], str]:
     """The reply as an OpenAI message, and its finish_reason."""
     text = reply.text
-    call = parse_function_call(text, allow_json=bool(request.tools))
+    call = toolcalls.parse_reply(text, allow_json=bool(request.tools))
     if call is not None:
         return {"role": "assistant", "content": None, "tool_calls": tool_calls(call)}, "tool_calls"
     reason = "length" if reply.finish_reason == "length" else "stop"

@@ -22,6 +22,7 @@ from impruver.data.messages import (
     parse_tools,
     text_of,
 )
+from impruver import toolcalls
 from impruver.registry import formats
 
 
@@ -201,7 +202,7 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
             if kind == "reasoning":
                 reasoning = text_of(part.get("value", part.get("text")), f"message {i}")
             elif kind == "tool_call":
-                calls.append(_call_from_json(part.get("value", part.get("text")), i))
+                calls.append(function_call_content(part.get("value", part.get("text")), f"message {i}"))
             else:
                 texts.append(part)
         content = text_of(texts, f"message {i}") if texts else ""
@@ -210,11 +211,9 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
     else:
         content = text_of(content, f"message {i}")
     for call in message.get("tool_calls") or []:
-        function = call.get("function", call) if isinstance(call, dict) else {}
-        calls.append(function_call_content(function.get("name"), function.get("arguments"), f"message {i}"))
+        calls.append(function_call_content(call if isinstance(call, dict) else {}, f"message {i}"))
     if isinstance(message.get("function_call"), dict):  # the older OpenAI API
-        legacy = message["function_call"]
-        calls.append(function_call_content(legacy.get("name"), legacy.get("arguments"), f"message {i}"))
+        calls.append(function_call_content(message["function_call"], f"message {i}"))
     if role == "function_call":
         return [{"role": "function_call", "content": _normal_call(content)}]
     out: list[Message] = []
@@ -226,26 +225,12 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
     return out
 
 
-def _call_from_json(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise RecordError("bad_function_call", f"message {i}: a tool_call part that is not JSON") from None
-    if not isinstance(value, dict):
-        raise RecordError("bad_function_call", f"message {i}: a tool_call part that is not an object")
-    return function_call_content(value.get("name"), value.get("arguments"), f"message {i}")
-
-
 def _normal_call(content: str) -> str:
     """A function_call turn's text as canonical JSON when it is a JSON call; otherwise as written."""
     try:
-        value = json.loads(content)
-    except ValueError:
-        return content
-    if isinstance(value, dict) and isinstance(value.get("name"), str):
-        return function_call_content(value["name"], value.get("arguments"), "function_call")
-    return content
+        return toolcalls.normal_content(content)
+    except toolcalls.ToolCallError as exc:
+        raise RecordError("bad_function_call", f"function_call: {exc}") from None
 
 
 def _json_list(text: str, field: str) -> list[Any]:

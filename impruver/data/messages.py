@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "function_call", "function_response")
-TRAINABLE_ROLES = frozenset({"assistant", "function_call"})
+from impruver import toolcalls
+
+ROLES = ("system", "user", "assistant", toolcalls.CALL_ROLE, toolcalls.RESPONSE_ROLE)
+TRAINABLE_ROLES = frozenset({"assistant", toolcalls.CALL_ROLE})
 
 Conversation = dict[str, Any]
 Message = dict[str, Any]
@@ -66,16 +68,23 @@ def text_of(content: Any, where: str) -> str:
     raise RecordError("non_text_content", f"{where}: content is {type(content).__name__}, not text")
 
 
-def function_call_content(name: Any, arguments: Any, where: str) -> str:
-    """The canonical content of a function_call turn: ``{"name": ..., "arguments": {...}}`` as compact JSON."""
-    if not isinstance(name, str) or not name:
-        raise RecordError("bad_function_call", f"{where}: a tool call without a function name")
-    if isinstance(arguments, str):
+def function_call_content(call: Any, where: str) -> str:
+    """The canonical content of a function_call turn (``{"name": ..., "arguments": {...}}`` as compact JSON) for
+    a call in any shape :func:`impruver.toolcalls.from_openai` reads (a JSON string of one too).
+
+    Raises:
+        RecordError: ``bad_function_call`` for a call without a name, arguments that are not JSON, or a string
+            that is not a JSON object.
+    """
+    if isinstance(call, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            call = json.loads(call)
         except ValueError:
-            raise RecordError("bad_function_call", f"{where}: arguments of '{name}' are not JSON") from None
-    return json.dumps({"name": name, "arguments": arguments if arguments is not None else {}}, ensure_ascii=False)
+            raise RecordError("bad_function_call", f"{where}: a tool call that is not JSON") from None
+    try:
+        return toolcalls.content_of(toolcalls.from_openai(call))
+    except toolcalls.ToolCallError as exc:
+        raise RecordError("bad_function_call", f"{where}: {exc}") from None
 
 
 def parse_tools(tools: Any, where: str) -> list[dict[str, Any]] | None:

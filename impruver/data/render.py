@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from impruver import toolcalls
 from impruver.record import IGNORE_INDEX
 from impruver.data.messages import TRAINABLE_ROLES, Conversation, Message, RecordError
 
@@ -130,9 +131,9 @@ class Renderer:
         role, content = message["role"], message["content"]
         out: Message = {"role": role, "content": content}
         if role in ("function_call", "function_response") and not self.native_roles:
-            call = _parse_call(content) if role == "function_call" and self.tool_calls else None
+            call = toolcalls.parse_content(content) if role == "function_call" and self.tool_calls else None
             if call is not None:
-                out = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
+                out = {"role": "assistant", "content": "", "tool_calls": [toolcalls.to_template(call)]}
             elif role == "function_response" and self.tool_calls:
                 out = {"role": "tool", "content": content}
             else:  # a template without tools: a call is something the assistant says, a result something it hears
@@ -205,16 +206,6 @@ class Renderer:
         except Exception:
             upto = ""
         return len(upto.rstrip()) if upto and full.startswith(upto) else len(full)
-
-
-def _parse_call(content: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(content)
-    except ValueError:
-        return None
-    if isinstance(value, dict) and isinstance(value.get("name"), str):
-        return {"name": value["name"], "arguments": value.get("arguments") or {}}
-    return None
 
 
 def _compile(source: str) -> Any:
