@@ -97,6 +97,11 @@ def fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str, co
 
 
 def _parse(payload: Any) -> dict[str, Any]:
+    if isinstance(payload, bytes):  # a JSON line as read from the file: orjson reads UTF-8 bytes as they are
+        try:
+            payload = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            payload = _decoded(payload)  # invalid UTF-8 is named here; other problems below
     if isinstance(payload, str):
         try:
             payload = orjson.loads(payload)  # several times faster; strict RFC 8259, same values
@@ -107,11 +112,21 @@ def _parse(payload: Any) -> dict[str, Any]:
     return payload
 
 
+def _decoded(line: bytes) -> str:
+    """A line's text; invalid UTF-8 is a RecordError naming the byte and its column."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError("invalid_utf8", f"byte 0x{line[exc.start]:02x} at column {exc.start + 1} is not UTF-8 "
+                                          "(save the file as UTF-8)") from None
+
+
 def _parse_lenient(payload: str) -> Any:
     """What orjson refuses, through the standard library: NaN and Infinity, lone surrogates, integers beyond
     64 bits are still read as before, and broken JSON gets the standard library's message."""
     try:
-        return json.loads(payload)
+        # Without its line end: json would place an error at the end of a cut line on "line 2, column 1".
+        return json.loads(payload.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise RecordError("broken_json", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
 

@@ -1,8 +1,8 @@
 """Where records come from: local files and folders, files shipped in packages (``pkg://``), and the Hub.
 
 Records are streamed: :func:`iter_items` yields one ``(where, payload)`` at a time, where ``where`` names the
-record for error messages (``file:line`` for local files) and ``payload`` is an unparsed JSON line (parsed later,
-in a worker process) or a record dict. Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction``
+record for error messages (``file:line`` for local files) and ``payload`` is an unparsed JSON line as bytes
+(decoded and parsed later, in a worker process, so that a bad byte is one bad record) or a record dict. Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction``
 are applied here, before any conversion.
 
 JSON lines, parquet, csv and text files are read incrementally; a ``.json`` file holding one big array is parsed
@@ -11,6 +11,7 @@ whole (prefer JSON lines or parquet for millions of records); Hub datasets are A
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
@@ -143,7 +144,7 @@ def _file_items(path: Path, key: str) -> Iterator[Item]:
     elif suffix == ".parquet":
         yield from _parquet_items(path)
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             for i, row in enumerate(csv.DictReader(handle), 2):
                 yield f"{path}:{i}", row
     elif suffix == ".txt":
@@ -153,14 +154,19 @@ def _file_items(path: Path, key: str) -> Iterator[Item]:
 
 
 def _jsonl_items(path: Path) -> Iterator[Item]:
-    with path.open(encoding="utf-8") as handle:
+    """Each non-blank line, as bytes: decoding (and so an invalid UTF-8 byte) is a per-record matter, reported
+    with its file:line by the converter and skippable like any bad record. A UTF-8 byte-order mark (written by
+    some Windows editors) is dropped from the first line."""
+    with path.open("rb") as handle:
         for lineno, line in enumerate(handle, 1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
             if line.strip():
                 yield f"{path}:{lineno}", line
 
 
 def _json_items(path: Path, key: str) -> Iterator[Item]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, key)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -177,6 +183,23 @@ def _json_items(path: Path, key: str) -> Iterator[Item]:
         yield f"{path}[{i}]", record
 
 
+def _read_text(path: Path, key: str) -> str:
+    """A whole file as text (a UTF-8 byte-order mark accepted); invalid UTF-8 named with its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = _line_column(data, exc.start)
+        raise DataError(f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {column} is not UTF-8 ({key}); "
+                        "save the file as UTF-8") from None
+
+
+def _line_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in bytes) of ``offset`` in ``data``."""
+    start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - start + 1
+
+
 def _parquet_items(path: Path) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
@@ -191,7 +214,7 @@ def _text_items(path: Path) -> Iterator[Item]:
     """Paragraphs (separated by blank lines) of a text file, each a ``{"text": ...}`` record."""
     lines: list[str] = []
     first = 1
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, 1):
             if line.strip():
                 if not lines:
