@@ -139,7 +139,8 @@ def test_the_templates_end_of_turn_ends_a_reply_when_it_is_not_eos() -> None:
 
 def test_named_templates_pick_tool_use_for_requests_with_tools() -> None:
     tok = build_tokenizer()
-    tool_use = "{% for m in messages %}[{{ m['role'] }}|{{ tools | tojson if tools else '' }}]{{ m['content'] }}{% endfor %}"
+    tool_use = ("{% for m in messages %}[{{ m['role'] }}|{{ tools | tojson if tools else '' }}]{{ m['content'] }}"
+                "{% endfor %}")
     tok.chat_template = {"default": TEMPLATE, "tool_use": tool_use}
     hello = [{"role": "user", "content": "hi"}]
     assert tok.decode(render(tok, hello)) == "<s>user\nhi</s>\n<s>bot\n"

@@ -2,8 +2,8 @@
 
 Records are streamed: :func:`iter_items` yields one ``(where, payload)`` at a time, where ``where`` names the
 record for error messages (``file:line`` for local files) and ``payload`` is an unparsed JSON line as bytes
-(decoded and parsed later, in a worker process, so that a bad byte is one bad record) or a record dict. Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction``
-are applied here, before any conversion.
+(decoded and parsed later, in a worker process, so that a bad byte is one bad record) or a record dict.
+Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction`` are applied here, before any conversion.
 
 JSON lines, parquet, csv and text files are read incrementally; a ``.json`` file holding one big array is parsed
 whole (prefer JSON lines or parquet for millions of records); Hub datasets are Arrow tables mapped from disk.
