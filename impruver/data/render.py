@@ -128,10 +128,25 @@ class Renderer:
                                      add_generation_prompt=add_generation_prompt, **self.special_tokens)
 
     # -- probes ------------------------------------------------------------------------------------------------
+    def _probe_render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                      add_generation_prompt: bool = False) -> str:
+        """A probe conversation rendered as it is, or after a system turn for templates that need one (some
+        read the system prompt unconditionally).
+
+        Raises:
+            Exception: whatever the template raises for both.
+        """
+        try:
+            return self.render(messages, tools, add_generation_prompt)
+        except Exception:
+            if messages and messages[0]["role"] == "system":
+                raise
+            return self.render([{"role": "system", "content": "s"}, *messages], tools, add_generation_prompt)
+
     def _shows(self, messages: list[Message], *needles: str, tools: list[dict[str, Any]] | None = None) -> bool:
         """Whether the template renders ``messages`` and every needle comes out."""
         try:
-            text = self.render(messages, tools)
+            text = self._probe_render(messages, tools)
         except Exception:  # refused (raise_exception) or broken on this shape: the ability is not there
             return False
         return all(needle in text for needle in needles)
@@ -170,28 +185,33 @@ class Renderer:
         Rendered twice, differing only in what follows the turn: the conversation's end and another user turn.
         Only what both write belongs to the turn, so an EOS the template adds at the conversation's end (Phi-4-mini
         without a generation prompt) or an assistant header it always appends (some Llama-3 exports) is never
-        taken for the end of a turn; of that, the first piece is the marker.
+        taken for the end of a turn. Of that common text the marker runs to the tokenizer's EOS when the EOS is
+        in it (Command-R: ``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``, the model has to learn to stop), else it is
+        the first piece (``<|im_end|>``, ``<end_of_turn>``): what follows is the next turn's opening.
         """
         user, answer = {"role": "user", "content": "u"}, {"role": "assistant", "content": _PROBE}
         afters = []
         for messages in ([user, answer], [user, answer, {"role": "user", "content": "v"}]):
             try:
-                text = self.render(messages)
+                text = self._probe_render(messages)
             except Exception:  # a template with stricter rules than the probe: its other rendering decides
                 continue
             if _PROBE in text:
                 afters.append(text[text.index(_PROBE) + len(_PROBE):])
         if not afters:
             return ""
-        common = _piece_boundary(_common_prefix(afters))
-        return _first_piece(common.lstrip(), self.special_tokens)
+        common = _piece_boundary(_common_prefix(afters)).lstrip()
+        eos = self.special_tokens.get("eos_token", "")
+        if eos and eos in common:
+            return common[:common.rindex(eos) + len(eos)]
+        return _first_piece(common, self.special_tokens)
 
     def _probe_generation_prompt(self) -> str:
         """What ``add_generation_prompt`` writes: the assistant turn's header. Where the bare rendering ends with
         something the prompted one replaces (a closing EOS), the two part at the last whole piece."""
         probe = [{"role": "user", "content": "u"}]
         try:
-            bare, prompted = self.render(probe), self.render(probe, add_generation_prompt=True)
+            bare, prompted = self._probe_render(probe), self._probe_render(probe, add_generation_prompt=True)
         except Exception:
             return ""
         return prompted[len(_piece_boundary(_common_prefix([bare, prompted]))):]
@@ -312,6 +332,12 @@ class Renderer:
             prefix = None
         if prefix is not None and full.startswith(prefix) and len(prefix) >= position:
             return len(prefix)
+        # A generation prompt that opens more than the turn holds (QwQ's "<think>\n" before a turn of calls): the
+        # turn starts where the prompted prefix and the whole text part, at a whole marker.
+        parted = len(_piece_boundary(_common_prefix([prefix, full]))) if prefix is not None else -1
+        if prefix is not None and parted >= max(position, len(prefix) - len(self.generation_prompt)) and \
+                not messages[i]["content"]:
+            return parted
         # The template rendered earlier turns differently once they were no longer last (Qwen3 drops the
         # reasoning of earlier turns): the turn starts after the next assistant header, else at its content.
         header = self.generation_prompt if messages[i]["role"] == "assistant" else ""
@@ -345,10 +371,13 @@ class Renderer:
             parted = len(_piece_boundary(_common_prefix([upto, full]))) if upto else 0
             if parted > after:  # else the turn itself renders differently when last (Qwen3's think block)
                 limit = parted
-        if self.end_marker:
-            found = full.find(self.end_marker, after, limit)
+        eos = self.special_tokens.get("eos_token", "")
+        # A turn of calls may close differently from a turn of text (Command-R: <|END_ACTION|> before its EOS):
+        # the EOS of the marker then ends it.
+        for marker in (self.end_marker, eos if eos and eos in self.end_marker else ""):
+            found = full.find(marker, after, limit) if marker else -1
             if found >= 0:
-                return found + len(self.end_marker)
+                return found + len(marker)
         return after
 
 
