@@ -79,8 +79,8 @@ def test_phi4_mini_keeps_the_schemas_in_its_system_tools():
         assert json.loads(listed) == [t["function"] for t in conversation["tools"]]
 
 
-@pytest.mark.parametrize("model", ["Qwen/Qwen2.5-3B-Instruct", "deepseek-ai/DeepSeek-V3-Base", "deepseek-ai/DeepSeek-R1",
-                                   "THUDM/glm-4-9b-chat"])
+@pytest.mark.parametrize("model", ["Qwen/Qwen2.5-3B-Instruct", "deepseek-ai/DeepSeek-V3-Base",
+                                   "deepseek-ai/DeepSeek-R1", "THUDM/glm-4-9b-chat"])
 def test_calls_and_schemas_reach_the_hub_templates(model):
     """Templates the issue found losing calls (DeepSeek-V3) or schemas (glm-4): each call's name and arguments are
     in a trained span, each schema's name in the text."""
