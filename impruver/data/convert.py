@@ -142,7 +142,7 @@ def _mapped(record: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
 
 def new_counts() -> dict[str, Any]:
     return {"loaded": 0, "converted": 0, "invalid": Counter(), "skipped": Counter(), "too_long": 0,
-            "no_trainable": 0}
+            "no_trainable": 0, "truncated": 0, "dropped_messages": 0, "reasoning_dropped": 0}
 
 
 def process_chunk(task: tuple[int, str, list[tuple[str, Any]], str]) -> dict[str, Any]:
@@ -164,6 +164,10 @@ def process_chunk(task: tuple[int, str, list[tuple[str, Any]], str]) -> dict[str
             else:
                 fail(result, where, source, settings["on_error"], counts)
             continue
+        for sample in result:  # what the length policy and the template left out, for the report
+            counts["truncated"] += sample.dropped_messages > 0
+            counts["dropped_messages"] += sample.dropped_messages
+            counts["reasoning_dropped"] += sample.reasoning_dropped
         units.append((_dedup_text(conversation), result))
     return {"source": name, "counts": counts, **_write_shard(units, shard, settings["dedup"])}
 
@@ -179,16 +183,19 @@ def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[
     n = len(units)
     texts = [text for text, _ in units]
     exact = np.fromiter((dedup.exact_key(text) for text in texts), dtype=np.uint64, count=n)
-    bands = sigs = None
+    bands = sigs = shingled = shingle_counts = None
     if settings["near"]:  # the whole chunk's MinHash signatures in one numpy pass
         sigs = dedup.signatures(texts, num_perm=settings["num_perm"], shingle_size=settings["shingle_size"])
         bands = dedup.band_keys_of(sigs, settings["bands"], settings["rows"])
+        # The shingle sets themselves (8 bytes a word), for the exact Jaccard of the pairs the estimate flags.
+        shingled, shingle_counts = dedup.shingle_sets(texts, shingle_size=settings["shingle_size"])
     per_unit = np.fromiter((len(samples) for _, samples in units), dtype=np.int32, count=n)
     samples = [sample for _, unit_samples in units for sample in unit_samples]
     lines = [_line(sample.input_ids, sample.labels) for sample in samples]
     with open(shard, "wb") as handle:
         handle.write(b"".join(lines))
-    return {"exact": exact, "bands": bands, "sigs": sigs, "per_unit": per_unit,
+    return {"exact": exact, "bands": bands, "sigs": sigs, "shingles": shingled, "shingle_counts": shingle_counts,
+            "per_unit": per_unit,
             "sizes": np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)),  # bytes of each line
             "lengths": np.fromiter((len(s.input_ids) for s in samples), dtype=np.int32, count=len(samples)),
             "trainable": np.fromiter((s.trainable for s in samples), dtype=np.int32, count=len(samples))}

@@ -217,8 +217,27 @@ def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
 
     texts = _training_texts(plan) if plan.tokenizer.builder == "bpe" else None
     tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
+    check_special_tokens(plan, tokenizer)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def check_special_tokens(plan: Any, tokenizer: Any) -> None:
+    """Every source's add_bos / add_eos needs the token: refused once, naming each source, before any record is
+    read (not as every record invalid).
+
+    Raises:
+        ConfigError: a source adds a BOS or EOS the tokenizer does not have.
+    """
+    from impruver.errors import ConfigError, Problem
+
+    problems = [Problem(f"dataset.sources.{name}.add_{kind}",
+                        f"the tokenizer has no {kind}_token to add; give one in tokenizer.special_tokens "
+                        f"({{{kind}_token: ...}}) or drop add_{kind}")
+                for name, src in plan.sources.items() for kind in ("bos", "eos")
+                if getattr(src, f"add_{kind}") and getattr(tokenizer, f"{kind}_token_id") is None]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _training_texts(plan: Any) -> Iterator[str]:
@@ -310,12 +329,15 @@ class _Collector:
         self.names = names
         self.counts = {n: convert.new_counts() for n in names}
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("exact", "bands", "per_unit", "lengths",
-                                                                   "trainable", "source", "sizes")}
+                                                                   "trainable", "source", "sizes",
+                                                                   "shingle_counts")}
         self.shards: list[str] = []
         self.shard_samples: list[int] = []  # samples (lines) in each shard
         self.num_perm = num_perm
         self.sig_path = work / "signatures.u32"
         self.sig_file = self.sig_path.open("wb")
+        self.shingle_path = work / "shingles.u64"  # every unit's shingle hashes, for exact Jaccard checks
+        self.shingle_file = self.shingle_path.open("wb")
 
     def add(self, shard: str, result: dict[str, Any]) -> None:
         counts = self.counts[result["source"]]
@@ -326,18 +348,25 @@ class _Collector:
         if result["bands"] is not None:
             self.parts["bands"].append(result["bands"])
             self.sig_file.write(result["sigs"].tobytes())
+            self.parts["shingle_counts"].append(result["shingle_counts"])
+            self.shingle_file.write(result["shingles"].tobytes())
         self.parts["source"].append(np.full(len(result["exact"]), self.names.index(result["source"]), np.int32))
         self.shards.append(shard)
         self.shard_samples.append(len(result["sizes"]))
 
     def finish(self) -> dict[str, Any]:
         self.sig_file.close()
+        self.shingle_file.close()
         flat = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in self.parts.items()}
         units = len(flat["exact"])
-        signatures = None
+        signatures = shingled = None
         if self.parts["bands"] and units:
             signatures = np.memmap(self.sig_path, dtype=np.uint32, mode="r", shape=(units, self.num_perm))
-        return {**flat, "signatures": signatures, "counts": self.counts, "shards": self.shards,
+            offsets = np.r_[0, np.cumsum(flat["shingle_counts"])]  # (units + 1,)
+            values = np.memmap(self.shingle_path, dtype=np.uint64, mode="r") if offsets[-1] else \
+                np.zeros(0, dtype=np.uint64)
+            shingled = (values, offsets)
+        return {**flat, "signatures": signatures, "shingled": shingled, "counts": self.counts, "shards": self.shards,
                 "shard_samples": self.shard_samples, "names": self.names}
 
 
@@ -349,9 +378,12 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
     exact_dup = dedup.first_occurrences(collected["exact"], candidates) if spec.dedup.exact else ~candidates
     candidates &= ~exact_dup
     near_dup = np.zeros(units, dtype=bool)
+    near_rejected = np.zeros(units, dtype=bool)  # estimated near-duplicates that the exact Jaccard cleared
     if spec.dedup.near and collected["signatures"] is not None:
+        rejected: list[int] = []
         near_dup = dedup.near_duplicates(collected["bands"], collected["signatures"], candidates,
-                                         spec.dedup.threshold)
+                                         spec.dedup.threshold, collected["shingled"], rejected)
+        near_rejected[rejected] = True
         candidates &= ~near_dup
     kept = np.flatnonzero(candidates)
     val = np.zeros(units, dtype=bool)
@@ -365,7 +397,8 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
     # one more with probability frac(w), drawn per unit from the seed.
     repeats = (np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
     repeats[~candidates | val] = 0
-    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val, "repeats": repeats, "candidates": candidates}
+    return {"exact_dup": exact_dup, "near_dup": near_dup, "near_rejected": near_rejected, "val": val,
+            "repeats": repeats, "candidates": candidates}
 
 
 def _val_count(spec: Any, kept: int) -> int:
@@ -434,8 +467,11 @@ def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], d
             "loaded": counts["loaded"], "converted": counts["converted"],
             "invalid": dict(sorted(counts["invalid"].items())), "skipped": dict(sorted(counts["skipped"].items())),
             "too_long": counts["too_long"], "no_trainable": counts["no_trainable"],
+            "truncated": counts["truncated"], "dropped_messages": counts["dropped_messages"],
+            "reasoning_dropped": counts["reasoning_dropped"],
             "duplicates": int((decisions["exact_dup"] & mine).sum() + (decisions["near_dup"] & mine).sum()),
             "near_duplicates": int((decisions["near_dup"] & mine).sum()),
+            "near_kept_by_exact_jaccard": int((decisions["near_rejected"] & mine).sum()),
             "kept": int(((decisions["repeats"] > 0) | decisions["val"])[mine].sum()),
             "weighted_out": int((decisions["candidates"] & ~decisions["val"] & (decisions["repeats"] == 0))[mine].sum()),
             "train_samples": int((decisions["repeats"] * collected["per_unit"])[mine].sum()),
@@ -492,6 +528,15 @@ def show_report(report: dict[str, Any], *, reused: bool = False) -> None:
                                        _reasons(row["skipped"]), row["too_long"] + row.get("no_trainable", 0),
                                        row["duplicates"], row["kept"], row["train_samples"], row["val_samples"])))
     console.print(table)
+    for name, row in report.get("sources", {}).items():  # what was kept, but not whole: never silent
+        notes = [f"{row['truncated']} samples truncated to fit ({row['dropped_messages']} earlier messages dropped)"
+                 if row.get("truncated") else "",
+                 f"{row['reasoning_dropped']} reasoning blocks the chat template leaves out"
+                 if row.get("reasoning_dropped") else "",
+                 f"{row['near_kept_by_exact_jaccard']} near-duplicate candidates kept (exact Jaccard below the "
+                 "threshold)" if row.get("near_kept_by_exact_jaccard") else ""]
+        if any(notes):
+            console.print(f"{name}: " + "; ".join(n for n in notes if n))
     tokens = Table(title="tokens per sample", title_justify="left")
     for column in ("split", "samples", "tokens", "min", "mean", "p50", "p95", "max", "trained share"):
         tokens.add_column(column, justify="left" if column == "split" else "right", min_width=len(column))

@@ -72,11 +72,15 @@ class SourceOptions:
 
 @dataclass
 class Encoded:
-    """One sample: token ids, labels (IGNORE_INDEX where not trained) and how many tokens are trained."""
+    """One sample: token ids, labels (IGNORE_INDEX where not trained) and how many tokens are trained; for the
+    report, how many messages the length policy dropped to fit and how many reasoning blocks the template left
+    out of the text (Qwen3 writes only the reasoning after the last user turn)."""
 
     input_ids: list[int]
     labels: list[int]
     trainable: int = -1
+    dropped_messages: int = 0
+    reasoning_dropped: int = 0
 
     def __post_init__(self) -> None:
         if self.trainable < 0:
@@ -482,6 +486,7 @@ class Encoder:
     def encode(self, conversations: list[Conversation], options: SourceOptions) -> list[list[Encoded] | RecordError]:
         """Each conversation's samples (raw text may give several), or the RecordError that stopped it."""
         results: list[list[Encoded] | RecordError] = [RecordError("internal", "not encoded")] * len(conversations)
+        lost: dict[int, int] = {}  # conversation -> reasoning blocks the template left out of its text
         texts, spans, where = [], [], []
         for n, conversation in enumerate(conversations):
             if "text" in conversation:
@@ -497,11 +502,15 @@ class Encoder:
             texts.append(text)
             spans.append(found)
             where.append(n)
+            lost[n] = sum(1 for m in conversation["messages"]
+                          if m.get("reasoning") and m["reasoning"].strip() not in text)
         for n, text_spans, encoding in zip(where, spans, self.encode_texts(texts)):
             if text_spans is None:
                 results[n] = self._chunks(encoding.ids, options)
             else:
                 results[n] = self._fit(conversations[n], encoding, text_spans, options)
+                if lost.get(n) and isinstance(results[n], list):
+                    results[n][0].reasoning_dropped = lost[n]
         return results
 
     def _sample(self, encoding: Any, spans: list[tuple[int, int]], options: SourceOptions,
@@ -514,20 +523,31 @@ class Encoder:
         if options.add_bos:
             if self.bos_id is None:
                 raise RecordError("no_bos_token", "add_bos is set but the tokenizer has no bos_token")
-            if not ids or ids[0] != self.bos_id:
+            if not self._has_at_edge(ids, self.bos_id, range(len(ids))):
                 ids, labels = [self.bos_id, *ids], [IGNORE_INDEX, *labels]
         if options.add_eos:
             if self.eos_id is None:
                 raise RecordError("no_eos_token", "add_eos is set but the tokenizer has no eos_token")
-            if not ids or ids[-1] != self.eos_id:
+            # A template ending "EOS\n" has closed the text already: a second EOS would be trained after it.
+            if not self._has_at_edge(ids, self.eos_id, range(len(ids) - 1, -1, -1)):
                 # The closing EOS belongs to the last turn: trained when that turn is.
                 train_eos = not options.only_target_loss or last_trainable
                 ids, labels = [*ids, self.eos_id], [*labels, self.eos_id if train_eos else IGNORE_INDEX]
                 trained += int(train_eos)
         return Encoded(ids, labels, trained)
 
+    def _has_at_edge(self, ids: list[int], token: int, order: range) -> bool:
+        """Whether ``token`` is the first id met from one end of ``ids`` (in ``order``) past whitespace tokens."""
+        for k in order:
+            if ids[k] == token:
+                return True
+            if self.tokenizer.decode([ids[k]]).strip():
+                return False
+        return False
+
     def _fit(self, conversation: Conversation, encoding: Any, spans: list[tuple[int, int]],
              options: SourceOptions) -> list[Encoded] | RecordError:
+        original = conversation
         try:
             last_trainable = conversation["messages"][-1]["role"] in TRAINABLE_ROLES
             sample = self._sample(encoding, spans, options, last_trainable)
@@ -545,6 +565,7 @@ class Encoder:
             return exc
         if sample.trainable == 0:
             return RecordError("no_trainable_tokens", "no token left to train on")
+        sample.dropped_messages = len(original["messages"]) - len(conversation["messages"])
         return [sample]
 
     def _chunks(self, ids: list[int], options: SourceOptions) -> list[Encoded] | RecordError:
