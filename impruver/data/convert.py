@@ -17,7 +17,8 @@ import numpy as np
 import orjson
 
 from impruver.data import dedup
-from impruver.data.messages import Conversation, RecordError, SkipRecord, plain_text, validate, with_system
+from impruver.data.messages import (Conversation, RecordError, SkipRecord, plain_text, select_trained, validate,
+                                    with_system)
 from impruver.data.render import Encoder, Renderer, SourceOptions
 from impruver.errors import DataError
 
@@ -54,14 +55,16 @@ def convert_items(items: list[tuple[str, Any]], source: dict[str, Any], on_error
     for where, payload in items:
         counts["loaded"] += 1
         try:
-            record = _parse(payload)
+            record = parse_payload(payload)
             if mapping:
                 record = _mapped(record, mapping)
             conversations = _call_format(func, record, source["options"])
             checked = []
             for k, conversation in enumerate(conversations):
                 at = where if len(conversations) == 1 else f"{where} (conversation {k})"
-                checked.append((at, with_system(validate(conversation, "record"), source["system"])))
+                conversation = select_trained(validate(conversation, "record"), source.get("roles_to_train"),
+                                              source.get("train_on_last_turn_only", False))
+                checked.append((at, with_system(conversation, source["system"])))
         except SkipRecord as skip:
             counts["skipped"][skip.reason] += 1
             continue
@@ -96,7 +99,12 @@ def fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str, co
                     "record, or set dataset.on_error=skip to count and leave out such records.")
 
 
-def _parse(payload: Any) -> dict[str, Any]:
+def parse_payload(payload: Any) -> dict[str, Any]:
+    """A record from a JSON line (bytes or text) or a record dict.
+
+    Raises:
+        RecordError: invalid UTF-8 or JSON, or JSON that is not an object.
+    """
     if isinstance(payload, bytes):  # a JSON line as read from the file: orjson reads UTF-8 bytes as they are
         try:
             payload = orjson.loads(payload)

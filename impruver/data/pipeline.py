@@ -157,7 +157,7 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
         collected = clock("process", _process_sources, plan, settings, work)
         decisions = clock("dedup_split", _decide, plan, collected)
         stats = clock("write", _write_outputs, collected, decisions, work)
-        report = _report(plan, digest, tokenizer, collected, decisions, stats)
+        report = _report(plan, digest, tokenizer, collected, decisions, stats, settings)
         if not report["train"]["samples"]:
             raise DataError("no training sample is left after composition: " + "; ".join(
                 f"{name}: {row['loaded']} loaded, {sum(row['invalid'].values())} invalid, "
@@ -201,14 +201,84 @@ def _settings(plan: Any, tokenizer_dir: Path) -> dict[str, Any]:
     sources = {}
     for name, src in plan.sources.items():
         limit = min(src.max_tokens or plan.max_tokens, plan.max_tokens)
+        fmt, options, detected = resolve_format(src, name, plan.dataset.seed)
         sources[name] = {
-            "name": name, "format": src.format, "options": dict(src.options), "mapping": dict(src.mapping),
-            "system": src.system,
+            "name": name, "format": fmt, "options": options, "mapping": dict(src.mapping),
+            "system": src.system, "detected": detected,
             "render": SourceOptions(src.only_target_loss, src.add_bos, src.add_eos, limit, plan.dataset.length_policy),
+            **_trained_turns(src, name),
         }
     return {"tokenizer_dir": str(tokenizer_dir), "sources": sources, "on_error": plan.dataset.on_error,
             "dedup": {"near": spec.near, "num_perm": spec.num_perm, "shingle_size": spec.shingle_size,
                       "bands": bands, "rows": rows}}
+
+
+def resolve_format(src: Any, name: str, seed: int) -> tuple[str, dict[str, Any], str]:
+    """A source's format and options, and how they were chosen: as configured; from LLaMA-Factory's
+    dataset_info.json entry (``formatting``, ``columns``, ``tags``) for ``format: auto``; or, for ``format: auto``,
+    detected from the fields of its first records.
+
+    Raises:
+        DataError: format auto on records no known format fits.
+    """
+    from impruver.data import formats
+    from impruver.data.messages import RecordError
+    from impruver.data.sources import dataset_info_entry
+
+    key = f"dataset.sources.{name}"
+    listed = dataset_info_entry(src, f"{key}.path")
+    if src.format != "auto":
+        return src.format, dict(src.options), ""
+    if listed is not None:
+        fmt, options = _llamafactory_format(listed[1], f"{key}.subset")
+        return fmt, {**options, **src.options}, f"LLaMA-Factory formatting '{listed[1].get('formatting', 'alpaca')}'"
+    from itertools import islice
+
+    first = []
+    for _, payload in islice(iter_items(src, name=name, seed=seed), 20):
+        try:
+            first.append(convert.parse_payload(payload))
+        except RecordError:  # a broken record is the converter's to report, with its line
+            continue
+    try:
+        fmt, looks = formats.detect_format(first)
+    except RecordError as exc:
+        raise DataError(f"{key}.format: auto: {exc.detail}") from None
+    log.info("%s: format auto -> %s (the first %d records have %s)", key, fmt, len(first), looks)
+    return fmt, dict(src.options), f"detected: {looks}"
+
+
+def _llamafactory_format(entry: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
+    """impruver's format and options for a dataset_info.json entry."""
+    columns, tags = entry.get("columns") or {}, entry.get("tags") or {}
+    formatting = entry.get("formatting", "alpaca")
+    if entry.get("ranking") or {"chosen", "rejected", "kto_tag"} & columns.keys():
+        raise DataError(f"{key}: '{entry.get('file_name', entry.get('hf_hub_url'))}' holds preference pairs; "
+                        "impruver composes supervised data only")
+    if formatting == "alpaca":
+        names = {"prompt": "instruction_field", "query": "input_field", "response": "output_field",
+                 "system": "system_field", "history": "history_field"}
+        return "instruct", {names[k]: v for k, v in columns.items() if k in names}
+    if formatting == "sharegpt":
+        names = {"messages": "field", "tools": "tools_field", "system": "system_field"}
+        options = {names[k]: v for k, v in columns.items() if k in names}
+        return "sharegpt", {**options, **{k: v for k, v in tags.items() if k.endswith("_tag")}}
+    raise DataError(f"{key}: LLaMA-Factory formatting '{formatting}' is not one impruver reads (alpaca, sharegpt)")
+
+
+def _trained_turns(src: Any, name: str) -> dict[str, Any]:
+    """Which of the model's turns a source trains: ``roles_to_train`` (assistant, function_call) and
+    ``train_on_last_turn_only``, read from the source when its schema has them."""
+    from impruver.data.messages import TRAINABLE_ROLES
+    from impruver.errors import ConfigError, Problem
+
+    roles = getattr(src, "roles_to_train", None)
+    if roles is not None and not set(roles) <= TRAINABLE_ROLES:
+        raise ConfigError([Problem(f"dataset.sources.{name}.roles_to_train",
+                                   f"{sorted(set(roles) - TRAINABLE_ROLES)} are not the model's turns; choose from "
+                                   f"{', '.join(sorted(TRAINABLE_ROLES))}")])
+    return {"roles_to_train": frozenset(roles) if roles is not None else None,
+            "train_on_last_turn_only": bool(getattr(src, "train_on_last_turn_only", False))}
 
 
 def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
@@ -458,12 +528,14 @@ def _stats(lengths: np.ndarray, trainable: np.ndarray) -> dict[str, Any]:
 
 
 def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], decisions: dict[str, np.ndarray],
-            stats: dict[str, Any]) -> dict[str, Any]:
+            stats: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     sources = {}
     for i, name in enumerate(collected["names"]):
         mine = collected["source"] == i
         counts = collected["counts"][name]
+        chosen = settings["sources"][name]
         sources[name] = {
+            "format": chosen["format"] + (f" ({chosen['detected']})" if chosen["detected"] else ""),
             "loaded": counts["loaded"], "converted": counts["converted"],
             "invalid": dict(sorted(counts["invalid"].items())), "skipped": dict(sorted(counts["skipped"].items())),
             "too_long": counts["too_long"], "no_trainable": counts["no_trainable"],

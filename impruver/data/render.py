@@ -232,9 +232,13 @@ class Renderer:
         messages: list[Message] = []
         trainable: list[bool] = []
         for group in _groups(conversation["messages"]):
-            for message in self._template_group(group):
+            made = self._template_group(group)
+            for k, message in enumerate(made):
+                # One message per canonical one: its own flag; merged ones (an answer with its calls) are trained
+                # when any part is.
+                parts = [group[k]] if len(made) == len(group) else group
                 messages.append(message)
-                trainable.append(group[0]["role"] in TRAINABLE_ROLES)
+                trainable.append(any(m["role"] in TRAINABLE_ROLES and m.get("train", True) for m in parts))
         tools = conversation.get("tools")
         if tools and not self.takes_tools:
             messages, trainable = self._schemas_in_text(messages, trainable, tools)
@@ -305,8 +309,9 @@ class Renderer:
         """The whole conversation rendered once, and the character spans to train on."""
         messages, trainable, tools = self.template_messages(conversation)
         try:
-            if self.generation_marks:
-                return self._marked_spans(messages, tools)
+            marked = self._marked_spans(messages, trainable, tools) if self.generation_marks else None
+            if marked is not None:
+                return marked
             full = self.render(messages, tools)
         except RecordError:
             raise
@@ -322,12 +327,21 @@ class Renderer:
                 position = end
         return full, spans
 
-    def _marked_spans(self, messages: list[Message], tools: Any) -> tuple[str, list[tuple[int, int]]]:
+    def _marked_spans(self, messages: list[Message], trainable: list[bool],
+                      tools: Any) -> tuple[str, list[tuple[int, int]]] | None:
+        """The spans the template marks with {% generation %}: one per message of the model, of which the
+        trainable ones are kept; None when the marks do not pair up with those messages (then the spans are
+        found from renderings)."""
         from transformers.utils.chat_template_utils import _render_with_assistant_indices
 
         text, indices = _render_with_assistant_indices(self._compiled, messages, tools, None, False,
                                                        **self.special_tokens)
-        return text, [(int(a), int(b)) for a, b in indices]
+        said = [t for m, t in zip(messages, trainable) if m["role"] in TRAINABLE_ROLES]
+        if all(trainable[i] == (m["role"] in TRAINABLE_ROLES) for i, m in enumerate(messages)):
+            return text, [(int(a), int(b)) for a, b in indices]  # every turn of the model, as marked
+        if len(indices) != len(said):
+            return None
+        return text, [(int(a), int(b)) for (a, b), keep in zip(indices, said) if keep]
 
     def _turn_start(self, full: str, messages: list[Message], tools: Any, i: int, position: int) -> int:
         try:
@@ -549,7 +563,8 @@ class Encoder:
              options: SourceOptions) -> list[Encoded] | RecordError:
         original = conversation
         try:
-            last_trainable = conversation["messages"][-1]["role"] in TRAINABLE_ROLES
+            last = conversation["messages"][-1]
+            last_trainable = last["role"] in TRAINABLE_ROLES and last.get("train", True)
             sample = self._sample(encoding, spans, options, last_trainable)
             while len(sample.input_ids) > options.max_tokens:
                 if options.length_policy != "truncate":

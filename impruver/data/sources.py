@@ -73,9 +73,51 @@ def parse_split(split: str, key: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["start"], match["stop"]
 
 
+def dataset_info_entry(spec: Any, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """LLaMA-Factory's ``dataset_info.json`` as a source (``path: .../dataset_info.json``, ``subset: NAME``): the
+    file and the entry of the named dataset; None for any other path.
+
+    Raises:
+        DataError: no dataset named, or a name the file does not list (with the closest ones).
+    """
+    root = resolve_path(spec.path, key)
+    if root is None or not root.is_file() or not root.name.endswith("dataset_info.json"):
+        return None
+    info = json.loads(_read_text(root, key))
+    if not spec.subset or spec.subset not in info:
+        from impruver.errors import choices_hint
+
+        wanted = f"no dataset '{spec.subset}' in it" if spec.subset else "name one of its datasets with subset: NAME"
+        raise DataError(f"{key}: {root} is LLaMA-Factory's dataset list; {wanted} "
+                        f"({choices_hint(spec.subset or '', sorted(info))})")
+    return root, info[spec.subset]
+
+
+def _dataset_info_items(spec: Any, root: Path, entry: dict[str, Any], key: str) -> Iterator[Item]:
+    """The records of one dataset_info.json entry: its file or folder beside the list, or its Hub dataset."""
+    if "file_name" in entry:
+        yield from _local_items(local_files(root.parent / entry["file_name"], key), key)
+    elif "hf_hub_url" in entry:
+        from types import SimpleNamespace
+
+        hub = SimpleNamespace(path=entry["hf_hub_url"], subset=entry.get("subset"),
+                              split=entry.get("split", spec.split), revision=entry.get("revision", spec.revision),
+                              trust_remote_code=spec.trust_remote_code)
+        yield from _hub_items(hub, key)
+    else:
+        raise DataError(f"{key}: the entry '{spec.subset}' of {root} has neither file_name nor hf_hub_url "
+                        f"(it has {', '.join(sorted(entry))}); impruver reads those two")
+
+
 def iter_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
     """Every record of one source, sliced, limited and sampled as it says."""
     key = f"dataset.sources.{name}.path"
+    listed = dataset_info_entry(spec, key)
+    if listed is not None:  # LLaMA-Factory's num_samples: the first records, unless the source sets a limit
+        items = _dataset_info_items(spec, *listed, key)
+        if spec.limit is None and listed[1].get("num_samples"):
+            items = _sliced(items, 0, int(listed[1]["num_samples"]))
+        return _sampled(items, spec, name, seed)
     root = resolve_path(spec.path, key)
     split_name, start, stop = parse_split(spec.split, f"dataset.sources.{name}.split")
     if root is None:
@@ -252,11 +294,18 @@ def _hub_items(spec: Any, key: str) -> Iterator[Item]:
 
 def fingerprint_source(spec: Any, name: str) -> dict[str, Any]:
     """What identifies a source's content: local files by size and content hash, Hub ids by revision."""
-    root = resolve_path(spec.path, f"dataset.sources.{name}.path")
+    key = f"dataset.sources.{name}.path"
+    root = resolve_path(spec.path, key)
     if root is None:
         return {"hub": spec.path, "revision": spec.revision, "subset": spec.subset}
+    files = local_files(root, key)
+    listed = dataset_info_entry(spec, key)
+    if listed is not None:
+        if "file_name" not in listed[1]:
+            return {"dataset_info": listed[1]}
+        files = [root, *local_files(root.parent / listed[1]["file_name"], key)]
     digests = []
-    for path in local_files(root, f"dataset.sources.{name}.path"):
+    for path in files:
         hasher = xxhash.xxh64()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
