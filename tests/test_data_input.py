@@ -88,3 +88,47 @@ def test_a_json_file_with_invalid_utf8_names_its_line(tmp_path: Path) -> None:
     path.write_bytes(b'[\n{"messages": []},\n{"a": "\xc3("}\n]')
     with pytest.raises(DataError, match=r"chats.json:3: byte 0xc3 at column 8 is not UTF-8"):
         read(path, "raise")
+
+
+def test_a_json_array_is_read_record_by_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory holds a window, not the file: a 5 MB array read with limit=100 through a 64 K window allocates well
+    under 1 MB, and the records equal json.loads's whatever the window (1 KB: records and numbers straddle it)."""
+    import tracemalloc
+
+    from impruver.data import sources
+
+    records = [{"messages": [{"role": "user", "content": f"вопрос {i} " + "x" * 300},
+                             {"role": "assistant", "content": f"ответ {i}"}], "score": i * 1.5, "n": 10 ** 12 + i}
+               for i in range(12000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    assert path.stat().st_size > 5_000_000
+
+    def items(limit):
+        return iter_items(SimpleNamespace(path=str(path), split="train", limit=limit, fraction=None, subset=None),
+                          name="s", seed=0)
+
+    monkeypatch.setattr(sources, "_ARRAY_CHUNK", 1 << 16)  # a 64 K-character window
+    tracemalloc.start()
+    first = [record for _, record in items(100)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert first == records[:100] and peak < 1_000_000, peak
+    monkeypatch.setattr(sources, "_ARRAY_CHUNK", 1024)
+    assert [record for _, record in items(None)] == records
+
+
+def test_a_broken_json_array_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "chats.json"
+    path.write_text('[\n {"a": 1},\n {"a": 2}\n {"a": 3}\n]')
+    with pytest.raises(DataError, match=r"chats.json:4: not valid JSON \(expected ',' or '\]' after record 1\)"):
+        list(iter_items(SimpleNamespace(path=str(path), split="train", limit=None, fraction=None, subset=None),
+                        name="s", seed=0))
+    path.write_text('[\n {"a": 1},\n {"a": tru}\n]')
+    with pytest.raises(DataError, match=r"chats.json:3: not valid JSON \(Expecting value, column 8\)"):
+        list(iter_items(SimpleNamespace(path=str(path), split="train", limit=None, fraction=None, subset=None),
+                        name="s", seed=0))
+    path.write_text('[\n {"a": 1},\n {"a": 2}')
+    with pytest.raises(DataError, match="cut short after record 1"):
+        list(iter_items(SimpleNamespace(path=str(path), split="train", limit=None, fraction=None, subset=None),
+                        name="s", seed=0))

@@ -5,8 +5,9 @@ record for error messages (``file:line`` for local files) and ``payload`` is an 
 (decoded and parsed later, in a worker process, so that a bad byte is one bad record) or a record dict.
 Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction`` are applied here, before any conversion.
 
-JSON lines, parquet, csv and text files are read incrementally; a ``.json`` file holding one big array is parsed
-whole (prefer JSON lines or parquet for millions of records); Hub datasets are Arrow tables mapped from disk.
+JSON lines, parquet, csv, text files and ``.json`` arrays are read incrementally (memory holds a window and a
+record, and ``limit`` stops the reading early); a ``.json`` object is parsed whole; Hub datasets are Arrow tables
+mapped from disk.
 """
 
 from __future__ import annotations
@@ -207,7 +208,18 @@ def _jsonl_items(path: Path) -> Iterator[Item]:
                 yield f"{path}:{lineno}", line
 
 
+_ARRAY_CHUNK = 1 << 20  # characters read at a time from a JSON array
+
+
 def _json_items(path: Path, key: str) -> Iterator[Item]:
+    """The records of a ``.json`` file: a top-level array is read incrementally (memory holds one chunk and one
+    record, and ``limit`` stops the reading early); an object (one record, or ``{"data": [records]}``) or JSON lines
+    under a .json name are read whole."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
+    if head.startswith("["):
+        yield from _array_items(path, key)
+        return
     text = _read_text(path, key)
     try:
         data = json.loads(text)
@@ -223,6 +235,80 @@ def _json_items(path: Path, key: str) -> Iterator[Item]:
         raise DataError(f"{key}: {path} holds {type(data).__name__}; impruver reads a list of records")
     for i, record in enumerate(data):
         yield f"{path}[{i}]", record
+
+
+def _array_items(path: Path, key: str) -> Iterator[Item]:
+    """The elements of a top-level JSON array, parsed one at a time from a sliding window of the text."""
+    decoder = json.JSONDecoder()
+    reader = codecs.getincrementaldecoder("utf-8-sig")()
+    buffer, position, index, eof = "", 0, 0, False
+    consumed_lines, column_base = 1, 0  # the line the window starts on, and the characters of it before the window
+
+    with path.open("rb") as handle:
+
+        def more() -> bool:
+            nonlocal buffer, eof, position, consumed_lines, column_base
+            if eof:
+                return False
+            data = handle.read(_ARRAY_CHUNK)
+            try:
+                text = reader.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                start = max(exc.start, 0)
+                line = consumed_lines + buffer.count("\n") + data.count(b"\n", 0, start)
+                column = start - data.rfind(b"\n", 0, start)  # in bytes, from the chunk's last line start
+                raise DataError(f"{path}:{line}: byte 0x{data[start]:02x} at column {column} is not UTF-8 "
+                                f"({key}); save the file as UTF-8") from None
+            eof = not data
+            newline = buffer.rfind("\n", 0, position)  # drop what is parsed; keep lines and columns right
+            consumed_lines += buffer.count("\n", 0, position)
+            column_base = position - newline - 1 if newline >= 0 else column_base + position
+            buffer, position = buffer[position:] + text, 0
+            return True
+
+        def column(at: int) -> int:  # 1-based column of the window's character ``at``
+            newline = buffer.rfind("\n", 0, at)
+            return at - newline if newline >= 0 else column_base + at + 1
+
+        def skip(chars: str) -> str:  # the next character that is not in ``chars`` ("" at the end)
+            nonlocal position
+            while True:
+                while position < len(buffer) and buffer[position] in chars:
+                    position += 1
+                if position < len(buffer) or not more():
+                    return buffer[position:position + 1]
+
+        if skip(" \t\r\n") != "[":
+            raise DataError(f"{key}: {path} does not start with a JSON array")
+        position += 1
+        expect_value = True
+        while True:
+            mark = skip(" \t\r\n")
+            if mark == "]":
+                return
+            if mark == "," and not expect_value:
+                position += 1
+                expect_value = True
+                continue
+            if not mark or not expect_value:
+                line = consumed_lines + buffer.count("\n", 0, position)
+                raise DataError(f"{path}:{line}: not valid JSON (expected ',' or ']' after record {index - 1})"
+                                if mark else f"{path}: the JSON array is cut short after record {index - 1}")
+            while True:
+                try:
+                    record, end = decoder.raw_decode(buffer, position)
+                except json.JSONDecodeError as exc:
+                    if more():  # perhaps only cut by the window: read on and try again
+                        continue
+                    line = consumed_lines + buffer.count("\n", 0, exc.pos)
+                    raise DataError(f"{path}:{line}: not valid JSON ({exc.msg}, column {column(exc.pos)})") from None
+                if end == len(buffer) and more():  # a number may go on in the next chunk
+                    continue
+                break
+            position = end
+            expect_value = False
+            yield f"{path}[{index}]", record
+            index += 1
 
 
 def _read_text(path: Path, key: str) -> str:
