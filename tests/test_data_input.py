@@ -132,3 +132,15 @@ def test_a_broken_json_array_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cut short after record 1"):
         list(iter_items(SimpleNamespace(path=str(path), split="train", limit=None, fraction=None, subset=None),
                         name="s", seed=0))
+
+
+def test_chunks_are_bounded_by_bytes_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from impruver.data import pipeline
+
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(b"".join(json.dumps({"text": f"{i} " + "w" * 290}).encode() + b"\n" for i in range(10)))
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 1000)  # each line is ~300 bytes: 4 lines reach it
+    plan = SimpleNamespace(sources={"s": SimpleNamespace(path=str(path), split="train", limit=None, fraction=None,
+                                                         subset=None)}, dataset=SimpleNamespace(seed=0))
+    sizes = [len(chunk) for _, _, chunk, _ in pipeline._tasks(plan, tmp_path)]
+    assert sizes == [4, 4, 2]

@@ -34,7 +34,8 @@ from impruver.errors import DataError, RunError
 from impruver.ui import console, log
 
 DATA_VERSION = 1  # bump when the same inputs would give different outputs
-CHUNK = 512  # records per task sent to a worker
+CHUNK = 512  # records per task sent to a worker, at most
+CHUNK_BYTES = 8 << 20  # and at most about this many bytes of JSON lines (a few long documents make a task)
 REPORT = "compose_report.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -329,11 +330,13 @@ def _tasks(plan: Any, work: Path) -> Iterator[tuple[int, str, list[tuple[str, An
     index = 0
     for name, spec in plan.sources.items():
         chunk: list[tuple[str, Any]] = []
+        size = 0  # bytes of the chunk's unparsed lines (records read as objects are not counted)
         for item in iter_items(spec, name=name, seed=plan.dataset.seed):
             chunk.append(item)
-            if len(chunk) == CHUNK:
+            size += len(item[1]) if isinstance(item[1], (bytes, str)) else 0
+            if len(chunk) == CHUNK or size >= CHUNK_BYTES:
                 yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
-                index, chunk = index + 1, []
+                index, chunk, size = index + 1, [], 0
         if chunk:
             yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
             index += 1
