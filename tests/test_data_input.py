@@ -144,3 +144,23 @@ def test_chunks_are_bounded_by_bytes_too(tmp_path: Path, monkeypatch: pytest.Mon
                                                          subset=None)}, dataset=SimpleNamespace(seed=0))
     sizes = [len(chunk) for _, _, chunk, _ in pipeline._tasks(plan, tmp_path)]
     assert sizes == [4, 4, 2]
+
+
+def test_the_bpe_sample_is_bounded_and_takes_the_sources_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from impruver.data import pipeline
+
+    def source(name: str, count: int) -> SimpleNamespace:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{name}{i} " + "z" * 95}) + "\n" for i in range(count)))
+        return SimpleNamespace(path=str(path), split="train", limit=None, fraction=None, subset=None, format="text",
+                               options={}, mapping={}, system=None, max_tokens=None, only_target_loss=True,
+                               add_bos=False, add_eos=False)
+
+    plan = SimpleNamespace(sources={"big": source("big", 1000), "small": source("small", 3)}, max_tokens=64,
+                           dataset=SimpleNamespace(seed=0, on_error="raise", length_policy="drop",
+                                                   dedup=SimpleNamespace(threshold=0.85, num_perm=128, near=True,
+                                                                         shingle_size=5)))
+    monkeypatch.setattr(pipeline, "BPE_SAMPLE_CHARS", 1000)
+    texts = list(pipeline._training_texts(plan))
+    assert [t.split()[0] for t in texts] == ["big0", "small0", "big1", "small1", "big2", "small2", "big3", "big4",
+                                             "big5", "big6"]  # 10 texts of 100 characters: the budget

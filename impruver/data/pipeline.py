@@ -311,18 +311,36 @@ def check_special_tokens(plan: Any, tokenizer: Any) -> None:
         raise ConfigError(problems)
 
 
+BPE_SAMPLE_CHARS = 100_000_000  # characters of text a BPE is trained on, at most (a bounded sample stream)
+
+
 def _training_texts(plan: Any) -> Iterator[str]:
-    """The sources' message text, streamed, for training a BPE."""
+    """The sources' message text, streamed for training a BPE: the sources in turn, one conversation each, so a
+    large first source does not fill the sample alone; at most BPE_SAMPLE_CHARS characters. (A BPE's merges come
+    from word counts, so the order does not change the tokenizer when everything fits.)"""
     settings = _settings(plan, Path("."))
-    for name, spec in plan.sources.items():
-        source = settings["sources"][name]
-        counts = convert.new_counts()
-        items = iter_items(spec, name=name, seed=plan.dataset.seed)
-        for _, conversation in convert.convert_items(items, source, plan.dataset.on_error, counts):
-            if "text" in conversation:
-                yield conversation["text"]
-            else:
-                yield "\n".join(m["content"] for m in conversation["messages"])
+    streams = [_source_texts(plan, name, spec, settings["sources"][name]) for name, spec in plan.sources.items()]
+    budget = BPE_SAMPLE_CHARS
+    while streams and budget > 0:
+        for stream in list(streams):
+            text = next(stream, None)
+            if text is None:
+                streams.remove(stream)
+                continue
+            budget -= len(text)
+            yield text
+    if streams:
+        log.info("the BPE is trained on the first %d characters of the sources, taken in turn", BPE_SAMPLE_CHARS)
+
+
+def _source_texts(plan: Any, name: str, spec: Any, source: dict[str, Any]) -> Iterator[str]:
+    counts = convert.new_counts()
+    items = iter_items(spec, name=name, seed=plan.dataset.seed)
+    for _, conversation in convert.convert_items(items, source, plan.dataset.on_error, counts):
+        if "text" in conversation:
+            yield conversation["text"]
+        else:
+            yield "\n".join(m["content"] for m in conversation["messages"])
 
 
 def _tasks(plan: Any, work: Path) -> Iterator[tuple[int, str, list[tuple[str, Any]], str]]:
