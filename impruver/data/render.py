@@ -380,6 +380,9 @@ class Renderer:
         if content:
             found = full.find(content, start)
             after = found + len(content) if found >= 0 else start
+        closing = _SPACE.match(full, after).end()  # where the marker starts when it closes this content
+        if self.end_marker and content and full.startswith(self.end_marker, closing):
+            return closing + len(self.end_marker)  # right after the content: this turn's own (no render needed)
         limit = len(full)
         if i + 1 < len(messages):
             try:
@@ -411,6 +414,7 @@ def _piece_boundary(text: str) -> str:
     return text[:opened] if opened > closed else text
 
 
+_SPACE = re.compile(r"\s*")
 _MARKER = re.compile(r"<[^<>\s]{1,60}>|\[/?[A-Za-z_]{2,20}\]")  # <|im_end|>, </s>, <end_of_turn>, [/INST]
 
 
