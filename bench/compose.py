@@ -26,6 +26,11 @@ Measured 2026-11-27 on the shared 2-core dev machine, 100k records (104 MB), `--
 | wall clock, 23:53 | 1.1-1.9 | 4135 rec/s, 4.30 MB/s | 4350 rec/s, 4.52 MB/s | 6126 rec/s | 0.710 |
 | from CPU time, 23:53 | | 4462 rec/s | 4511 rec/s | 6625 rec/s | 0.681 |
 
+Reading a JSON array (``--json-array-mb 100``: 656,566 short chats, 100 MB, each reader in a fresh process;
+2026-12-02, shared 2-core machine): impruver's source reader 19 MB peak RSS in 3.99 s whole, 16 MB in 0.07 s with
+``limit=1000``; ``json.load`` 726 MB in 6.45 s (impruver read such a file with ``json.loads`` of the whole text
+before, so its reading alone peaked like ``json.load``). This is the reading only, not a whole compose.
+
 Targets (issue 3): >= 3000 rec/s with near-dup on, >= 0.5x the bare tokenizer with near-dup off: both met, by
 wall clock and by CPU time. Worker peak memory 734-746 MB. Before the speed work (same day, 23:12 and 23:24,
 load 1.5-3.4): near-dup on 1402-2310 rec/s wall (2779-2822 from CPU time), off 1748-1752 rec/s, ratio
@@ -122,13 +127,64 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+_READ_ARRAY = """
+import json, resource, sys, time
+from types import SimpleNamespace
+path, limit, how = sys.argv[1], (int(sys.argv[2]) or None), sys.argv[3]
+start = time.perf_counter()
+if how == "json.load":
+    with open(path, encoding="utf-8") as handle:
+        count = len(json.load(handle)[:limit])
+else:
+    from impruver.data.sources import iter_items
+    spec = SimpleNamespace(path=path, split="train", limit=limit, fraction=None, subset=None)
+    count = sum(1 for _ in iter_items(spec, name="b", seed=0))
+print(json.dumps({"records": count, "seconds": round(time.perf_counter() - start, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+
+def json_array_figures(megabytes: int, work: Path) -> dict[str, dict]:
+    """Peak RSS and time of reading a JSON array of short chats of about ``megabytes`` MB: impruver's source
+    reader (whole and with limit=1000) next to ``json.load``, each in a fresh process."""
+    import subprocess
+
+    path = work / "array.json"
+    with path.open("w", encoding="utf-8") as out:
+        out.write("[")
+        written, i = 0, 0
+        while written < megabytes * 1_000_000:
+            line = json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"},
+                                            {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}]})
+            out.write(("," if i else "") + "\n" + line)
+            written, i = written + len(line) + 2, i + 1
+        out.write("\n]")
+    figures = {"records": i, "mb": round(path.stat().st_size / 1e6, 1)}
+    for name, limit, how in (("impruver_whole", 0, "impruver"), ("impruver_limit_1000", 1000, "impruver"),
+                             ("json_load_whole", 0, "json.load")):
+        done = subprocess.run([sys.executable, "-c", _READ_ARRAY, str(path), str(limit), how], check=True,
+                              capture_output=True, text=True, cwd=ROOT)
+        figures[name] = json.loads(done.stdout)
+    path.unlink()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--json-array-mb", type=int, default=0,
+                        help="only measure reading a JSON array of short chats of this size (peak RSS, time)")
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--repeat", type=int, default=2, help="runs of each; the best is reported")
     parser.add_argument("--with-instruct", action="store_true", help="add the long instruct files to the mix")
     args = parser.parse_args()
+    if args.json_array_mb:
+        work = Path(tempfile.mkdtemp(prefix="impruver-bench-"))
+        try:
+            print(json.dumps(json_array_figures(args.json_array_mb, work), indent=2))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     shared = Path(args.shared)
     if not shared.is_dir():
         sys.exit(f"no real data at {shared}")

@@ -107,11 +107,16 @@ def test_render_maps_function_turns_and_tools_onto_the_template_as_training_does
     def text(ids: list[int]) -> str:
         return tok.decode(ids)
 
-    assert text(render(tok, turns)) == (f"<s>user\nПогода?</s>\n<s>function_call\n{call}</s>\n"
-                                        '<s>function_response\n{"temp": 21}</s>\n<s>bot\n')
-    tok.chat_template = TEMPLATE.split("#}", 1)[1]  # the same turns, but the source never names the function roles
+    # TEMPLATE writes any role's name as it is: it echoes function_call without knowing it, so a call is what
+    # the assistant says and a result what it hears (whatever its source says in comments).
     assert text(render(tok, turns)) == (f"<s>user\nПогода?</s>\n<s>bot\n{call}</s>\n"
                                         '<s>user\n{"temp": 21}</s>\n<s>bot\n')
+    from impruver.data.templates import SAIGA  # knows the function roles (and refuses others): keeps them
+
+    tok.chat_template = SAIGA
+    assert text(render(tok, turns)) == (f"<s>user\nПогода?</s>\n<s>function_call\n{call}</s>\n"
+                                        '<s>function_response\n{"temp": 21}</s>\n<s>bot\n')
+    tok.chat_template = TEMPLATE
     tools = [{"name": "get_weather", "parameters": {"type": "object"}}]
     rendered = text(render(tok, turns[:1], tools=tools))  # a template that never reads `tools`
     assert rendered.startswith("<s>system\nYou can call these functions (JSON schemas):\n"
@@ -134,8 +139,9 @@ def test_the_templates_end_of_turn_ends_a_reply_when_it_is_not_eos() -> None:
 
 def test_named_templates_pick_tool_use_for_requests_with_tools() -> None:
     tok = build_tokenizer()
-    tool_use = "{% for m in messages %}[{{ m['role'] }}|{{ tools | length }}]{{ m['content'] }}{% endfor %}"
+    tool_use = ("{% for m in messages %}[{{ m['role'] }}|{{ tools | tojson if tools else '' }}]{{ m['content'] }}"
+                "{% endfor %}")
     tok.chat_template = {"default": TEMPLATE, "tool_use": tool_use}
     hello = [{"role": "user", "content": "hi"}]
     assert tok.decode(render(tok, hello)) == "<s>user\nhi</s>\n<s>bot\n"
-    assert tok.decode(render(tok, hello, tools=[{"name": "f"}])) == "[user|1]hi"
+    assert tok.decode(render(tok, hello, tools=[{"name": "f"}])) == '[user|[{"name": "f"}]]hi'

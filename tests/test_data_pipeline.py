@@ -70,8 +70,9 @@ def test_compose_writes_samples_report_and_tokenizer(tmp_path, capsys):
         assert all(label in (-100, token) for label, token in zip(sample["labels"], sample["input_ids"]))
     report = json.loads(result.report_path.read_text())
     assert report["sources"]["chats"] == {
-        "loaded": 60, "converted": 60, "invalid": {}, "skipped": {}, "too_long": 0, "no_trainable": 0,
-        "duplicates": 0, "near_duplicates": 0, "kept": 60, "weighted_out": 0, "train_samples": 54, "val_samples": 6}
+        "format": "openai", "loaded": 60, "converted": 60, "invalid": {}, "skipped": {}, "too_long": 0, "no_trainable": 0,
+        "truncated": 0, "dropped_messages": 0, "reasoning_dropped": 0,
+        "duplicates": 0, "near_duplicates": 0, "near_kept_by_exact_jaccard": 0, "kept": 60, "weighted_out": 0, "train_samples": 54, "val_samples": 6}
     assert 0 < report["train"]["trainable_fraction"] < 1 and report["fingerprint"] == result.fingerprint
     tok = pipeline.load_composed_tokenizer(plan)
     assert tok.chat_template and tok.eos_token == "</s>" and tok.pad_token == "<pad>"

@@ -73,8 +73,8 @@ def qwen3_expected(messages: list[dict], trainable: list[bool]) -> list[str]:
             text = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
         else:
             text = content
-        for call in m.get("tool_calls", []):
-            text += ("\n" if content else "") + '<tool_call>\n{"name": "' + call["function"]["name"] + \
+        for k, call in enumerate(m.get("tool_calls", [])):  # all calls of a turn in one message
+            text += ("\n" if content or k else "") + '<tool_call>\n{"name": "' + call["function"]["name"] + \
                 '", "arguments": ' + json.dumps(call["function"]["arguments"], ensure_ascii=False) + "}\n</tool_call>"
         out.append(text + "<|im_end|>")
     return out

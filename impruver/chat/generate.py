@@ -8,13 +8,12 @@ went away) is a stopping criterion that the generating thread checks after every
 from __future__ import annotations
 
 import functools
-import json
 import queue
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from impruver import toolcalls
 from impruver.errors import RunError
 
 if TYPE_CHECKING:
@@ -23,10 +22,11 @@ if TYPE_CHECKING:
 Message = dict[str, Any]  # {"role": ..., "content": ...}
 
 # Function calling in impruver's roles (the fc presets): the model writes a function_call turn and is answered by
-# a function_response turn; render() maps them onto what each template knows.
-CALL_ROLE = "function_call"
-RESPONSE_ROLE = "function_response"
-_ROLE_PREFIX = re.compile(rf"^\s*{CALL_ROLE}\s*\n")
+# a function_response turn; render() maps them onto what each template knows. Calls are read and written by
+# impruver.toolcalls (one parser for data, chat and serve); the names stay importable from here.
+CALL_ROLE = toolcalls.CALL_ROLE
+RESPONSE_ROLE = toolcalls.RESPONSE_ROLE
+parse_function_call = toolcalls.parse_reply
 
 
 def generation_kwargs(chat: ChatSpec, *, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -125,37 +125,6 @@ def _oldest_exchange(messages: list[Message]) -> tuple[int | None, int]:
     if len(users) < 2:
         return None, 0
     return users[0], users[1]
-
-
-def parse_function_call(text: str, *, allow_json: bool = True) -> dict[str, Any] | None:
-    """A function call in a reply: ``function_call\\n{json}`` (the role written by the model) or a JSON call.
-
-    Returns:
-        ``{"name": str, "arguments": dict | str}``, or None when the reply is ordinary text.
-    """
-    body = text
-    explicit = bool(_ROLE_PREFIX.match(text))
-    if explicit:
-        body = _ROLE_PREFIX.sub("", text, count=1)
-    elif not allow_json:
-        return None
-    try:
-        call = json.loads(body.strip())
-    except ValueError:
-        return {"name": "", "arguments": body.strip()} if explicit else None
-    if not isinstance(call, dict):
-        return None
-    call = call.get("function_call", call) if isinstance(call.get("function_call"), dict) else call
-    name = call.get("name")
-    if not isinstance(name, str) or not ({"arguments", "parameters"} & call.keys() or explicit):
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            pass
-    return {"name": name, "arguments": arguments}
 
 
 class _Stop:

@@ -318,19 +318,15 @@ def load_tokenizer(found: Found, plan: Plan) -> Any:
 
 def _configured_template(plan: Plan, folder: Path) -> str:
     """The plan's tokenizer.chat_template (inline Jinja, a .jinja file or a registered name) for a bare tokenizer."""
-    value = plan.tokenizer.chat_template
-    source = ""
-    if value and ("{{" in value or "{%" in value):
-        source = value
-    elif value and value.endswith(".jinja") and Path(value).is_file():
-        source = Path(value).read_text(encoding="utf-8")
-    elif value:
-        from impruver import registry
+    from impruver.data.templates import resolve_template
+    from impruver.errors import ConfigError
 
-        if registry.has("templates", value):
-            made = registry.lookup("templates", value)()
-            source = made if isinstance(made, str) else ""
-    if not source:
+    value = plan.tokenizer.chat_template
+    try:  # the one resolver data composition uses too
+        source = resolve_template(value) if value else ""
+    except ConfigError:
+        source = ""
+    if not isinstance(source, str) or not source:
         raise RunError(f"the tokenizer in {folder} has no chat template and the plan gives none that can be used "
                        f"(tokenizer.chat_template={value!r}); set tokenizer.chat_template to a template name, a "
                        f".jinja file or Jinja source.")

@@ -36,8 +36,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from impruver import toolcalls
 from impruver.chat.batching import Batcher, Job, QueueFull, Sampling
-from impruver.chat.generate import CALL_ROLE, RESPONSE_ROLE, generation_kwargs, parse_function_call, render
+from impruver.chat.generate import CALL_ROLE, RESPONSE_ROLE, generation_kwargs, render
 from impruver.errors import ConfigError, Problem, RunError
 from impruver.ui import console, log
 
@@ -255,15 +256,11 @@ class Model:
         for m in request.messages:
             if m.get("tool_calls"):
                 for call in m["tool_calls"]:
-                    function = call.get("function") or {}
-                    arguments = function.get("arguments", "{}")
                     try:
-                        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-                    except ValueError:
-                        pass
-                    content = json.dumps({"name": function.get("name", ""), "arguments": arguments},
-                                          ensure_ascii=False)
-                    turns.append({"role": CALL_ROLE, "content": content})
+                        found = toolcalls.from_openai(call, strict=False)
+                    except toolcalls.ToolCallError as exc:
+                        raise BadRequest(f"messages: {exc}", param="messages") from None
+                    turns.append({"role": CALL_ROLE, "content": toolcalls.content_of(found)})
             elif m["role"] in ("tool", "function"):
                 turns.append({"role": RESPONSE_ROLE, "content": m["content"]})
             else:
@@ -303,17 +300,13 @@ def completion_id() -> str:
 
 
 def tool_calls(call: dict[str, Any]) -> list[dict[str, Any]]:
-    arguments = call["arguments"]
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"],
-                          "arguments": arguments if isinstance(arguments, str)
-                          else json.dumps(arguments, ensure_ascii=False)}}]
+    return [toolcalls.to_openai(call)]
 
 
 def finish(reply: Job, request: Request) -> tuple[dict[str, Any], str]:
     """The reply as an OpenAI message, and its finish_reason."""
     text = reply.text
-    call = parse_function_call(text, allow_json=bool(request.tools))
+    call = toolcalls.parse_reply(text, allow_json=bool(request.tools))
     if call is not None:
         return {"role": "assistant", "content": None, "tool_calls": tool_calls(call)}, "tool_calls"
     reason = "length" if reply.finish_reason == "length" else "stop"

@@ -17,7 +17,8 @@ import numpy as np
 import orjson
 
 from impruver.data import dedup
-from impruver.data.messages import Conversation, RecordError, SkipRecord, plain_text, validate, with_system
+from impruver.data.messages import (Conversation, RecordError, SkipRecord, plain_text, select_trained, validate,
+                                    with_system)
 from impruver.data.render import Encoder, Renderer, SourceOptions
 from impruver.errors import DataError
 
@@ -54,14 +55,16 @@ def convert_items(items: list[tuple[str, Any]], source: dict[str, Any], on_error
     for where, payload in items:
         counts["loaded"] += 1
         try:
-            record = _parse(payload)
+            record = parse_payload(payload)
             if mapping:
                 record = _mapped(record, mapping)
             conversations = _call_format(func, record, source["options"])
             checked = []
             for k, conversation in enumerate(conversations):
                 at = where if len(conversations) == 1 else f"{where} (conversation {k})"
-                checked.append((at, with_system(validate(conversation, "record"), source["system"])))
+                conversation = select_trained(validate(conversation, "record"), source.get("roles_to_train"),
+                                              source.get("train_on_last_turn_only", False))
+                checked.append((at, with_system(conversation, source["system"])))
         except SkipRecord as skip:
             counts["skipped"][skip.reason] += 1
             continue
@@ -96,7 +99,17 @@ def fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str, co
                     "record, or set dataset.on_error=skip to count and leave out such records.")
 
 
-def _parse(payload: Any) -> dict[str, Any]:
+def parse_payload(payload: Any) -> dict[str, Any]:
+    """A record from a JSON line (bytes or text) or a record dict.
+
+    Raises:
+        RecordError: invalid UTF-8 or JSON, or JSON that is not an object.
+    """
+    if isinstance(payload, bytes):  # a JSON line as read from the file: orjson reads UTF-8 bytes as they are
+        try:
+            payload = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            payload = _decoded(payload)  # invalid UTF-8 is named here; other problems below
     if isinstance(payload, str):
         try:
             payload = orjson.loads(payload)  # several times faster; strict RFC 8259, same values
@@ -107,11 +120,21 @@ def _parse(payload: Any) -> dict[str, Any]:
     return payload
 
 
+def _decoded(line: bytes) -> str:
+    """A line's text; invalid UTF-8 is a RecordError naming the byte and its column."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError("invalid_utf8", f"byte 0x{line[exc.start]:02x} at column {exc.start + 1} is not UTF-8 "
+                                          "(save the file as UTF-8)") from None
+
+
 def _parse_lenient(payload: str) -> Any:
     """What orjson refuses, through the standard library: NaN and Infinity, lone surrogates, integers beyond
     64 bits are still read as before, and broken JSON gets the standard library's message."""
     try:
-        return json.loads(payload)
+        # Without its line end: json would place an error at the end of a cut line on "line 2, column 1".
+        return json.loads(payload.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise RecordError("broken_json", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
 
@@ -127,7 +150,7 @@ def _mapped(record: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
 
 def new_counts() -> dict[str, Any]:
     return {"loaded": 0, "converted": 0, "invalid": Counter(), "skipped": Counter(), "too_long": 0,
-            "no_trainable": 0}
+            "no_trainable": 0, "truncated": 0, "dropped_messages": 0, "reasoning_dropped": 0}
 
 
 def process_chunk(task: tuple[int, str, list[tuple[str, Any]], str]) -> dict[str, Any]:
@@ -149,6 +172,10 @@ def process_chunk(task: tuple[int, str, list[tuple[str, Any]], str]) -> dict[str
             else:
                 fail(result, where, source, settings["on_error"], counts)
             continue
+        for sample in result:  # what the length policy and the template left out, for the report
+            counts["truncated"] += sample.dropped_messages > 0
+            counts["dropped_messages"] += sample.dropped_messages
+            counts["reasoning_dropped"] += sample.reasoning_dropped
         units.append((_dedup_text(conversation), result))
     return {"source": name, "counts": counts, **_write_shard(units, shard, settings["dedup"])}
 
@@ -164,16 +191,19 @@ def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[
     n = len(units)
     texts = [text for text, _ in units]
     exact = np.fromiter((dedup.exact_key(text) for text in texts), dtype=np.uint64, count=n)
-    bands = sigs = None
+    bands = sigs = shingled = shingle_counts = None
     if settings["near"]:  # the whole chunk's MinHash signatures in one numpy pass
         sigs = dedup.signatures(texts, num_perm=settings["num_perm"], shingle_size=settings["shingle_size"])
         bands = dedup.band_keys_of(sigs, settings["bands"], settings["rows"])
+        # The shingle sets themselves (8 bytes a word), for the exact Jaccard of the pairs the estimate flags.
+        shingled, shingle_counts = dedup.shingle_sets(texts, shingle_size=settings["shingle_size"])
     per_unit = np.fromiter((len(samples) for _, samples in units), dtype=np.int32, count=n)
     samples = [sample for _, unit_samples in units for sample in unit_samples]
     lines = [_line(sample.input_ids, sample.labels) for sample in samples]
     with open(shard, "wb") as handle:
         handle.write(b"".join(lines))
-    return {"exact": exact, "bands": bands, "sigs": sigs, "per_unit": per_unit,
+    return {"exact": exact, "bands": bands, "sigs": sigs, "shingles": shingled, "shingle_counts": shingle_counts,
+            "per_unit": per_unit,
             "sizes": np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)),  # bytes of each line
             "lengths": np.fromiter((len(s.input_ids) for s in samples), dtype=np.int32, count=len(samples)),
             "trainable": np.fromiter((s.trainable for s in samples), dtype=np.int32, count=len(samples))}

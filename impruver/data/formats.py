@@ -22,6 +22,7 @@ from impruver.data.messages import (
     parse_tools,
     text_of,
 )
+from impruver import toolcalls
 from impruver.registry import formats
 
 
@@ -48,6 +49,7 @@ def instruct(
     input_field: str = "input",
     output_field: str = "output",
     system_field: str = "system",
+    history_field: str = "history",
     label_field: str = "label",
     skip_labels: Sequence[str] = ("bad_output",),
     input_separator: str = "\n\n",
@@ -73,7 +75,7 @@ def instruct(
         answer_field = output_field if output_field in record or "answer" not in record else "answer"
         pairs = [(_optional_text(record, input_field), _field(record, answer_field))]
     history: list[Message] = [{"role": "system", "content": system}] if system else []
-    for turn in record.get("history") or []:
+    for turn in record.get(history_field) or []:
         if not isinstance(turn, (list, tuple)) or len(turn) != 2:
             raise RecordError("bad_history", "history must be a list of [question, answer] pairs")
         history += [{"role": "user", "content": text_of(turn[0], "history")},
@@ -129,9 +131,16 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 @formats("sharegpt")
 def sharegpt(record: dict[str, Any], *, field: str = "conversations", tools_field: str = "tools",
-             system_field: str = "system") -> list[Conversation]:
+             system_field: str = "system", role_tag: str | None = None, content_tag: str | None = None,
+             user_tag: str | None = None, assistant_tag: str | None = None, observation_tag: str | None = None,
+             function_tag: str | None = None, system_tag: str | None = None,
+             weight_field: str = "weight") -> list[Conversation]:
     """ShareGPT records: ``conversations`` of ``{from, value}`` (human, gpt, system, function_call, observation)
     and an optional ``tools`` column (a JSON string or a list of function schemas).
+
+    The ``*_tag`` options are LLaMA-Factory's ``tags`` (the keys holding a turn's role and text, and the names of
+    its roles) for records that name them otherwise. A turn's ``weight`` (or ``loss_weight``) of 0 keeps it out
+    of the loss.
 
     Examples:
         >>> sharegpt({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hey"}]})[0]
@@ -140,29 +149,50 @@ def sharegpt(record: dict[str, Any], *, field: str = "conversations", tools_fiel
     raw = _field(record, field)
     if isinstance(raw, str):
         raw = _json_list(raw, field)
+    roles = dict(SHAREGPT_ROLES)
+    for tag, role in ((user_tag, "user"), (assistant_tag, "assistant"), (observation_tag, "function_response"),
+                      (function_tag, "function_call"), (system_tag, "system")):
+        if tag:
+            roles[tag] = role
     messages: list[Message] = []
     system = _optional_text(record, system_field)
     if system:
         messages.append({"role": "system", "content": system})
     for i, turn in enumerate(raw):
-        who = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
-        if who not in SHAREGPT_ROLES:
+        who = (turn.get(role_tag) if role_tag else turn.get("from", turn.get("role"))) \
+            if isinstance(turn, dict) else None
+        if who not in roles:
             raise RecordError("unknown_role", f"turn {i} is from {who!r}; sharegpt records use "
-                                              f"{', '.join(SHAREGPT_ROLES)}")
-        role = SHAREGPT_ROLES[who]
-        content = text_of(turn.get("value", turn.get("content")), f"turn {i}")
-        messages.append({"role": role, "content": _normal_call(content) if role == "function_call" else content})
+                                              f"{', '.join(roles)}")
+        role = roles[who]
+        value = turn.get(content_tag) if content_tag else turn.get("value", turn.get("content"))
+        content = text_of(value, f"turn {i}")
+        message = {"role": role, "content": _normal_call(content) if role == "function_call" else content}
+        messages.append(_weighted(message, turn, weight_field, i))
     return [{"messages": messages, "tools": parse_tools(record.get(tools_field), "tools")}]
 
 
+def _weighted(message: Message, raw: dict[str, Any], weight_field: str, i: int) -> Message:
+    """``message`` kept out of the loss when its raw turn says ``weight: 0`` (OpenAI fine-tuning, axolotl) or
+    ``loss_weight: 0``. A mask trains a token or not: weights other than 0 and 1 are refused."""
+    weight = raw.get(weight_field, raw.get("loss_weight"))
+    if weight is None:
+        return message
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise RecordError("bad_weight", f"turn {i} has weight {weight!r}; impruver trains a turn (1) or not (0)")
+    return message if weight else {**message, "train": False}
+
+
 @formats("openai")
-def openai(record: dict[str, Any], *, field: str = "messages", tools_field: str = "tools") -> list[Conversation]:
+def openai(record: dict[str, Any], *, field: str = "messages", tools_field: str = "tools",
+           weight_field: str = "weight") -> list[Conversation]:
     """OpenAI chat records: ``messages`` (a list, or a JSON string holding one) of ``{role, content}``.
 
     ``content`` is a string or a list of parts (``text``; LLaMA-Factory's ``reasoning`` and ``tool_call`` parts
     too). An assistant's ``tool_calls`` become function_call turns and the ``tool`` role a function_response;
     impruver's own ``function_call`` / ``function_response`` roles are accepted as they are (glaive-fc-ru).
-    The ``tools`` column (list or JSON string) holds the function schemas.
+    The ``tools`` column (list or JSON string) holds the function schemas. A message's ``weight`` (or
+    ``loss_weight``) of 0 keeps it out of the loss (OpenAI fine-tuning files).
 
     Examples:
         >>> openai({"messages": '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]'})[0]
@@ -177,7 +207,7 @@ def openai(record: dict[str, Any], *, field: str = "messages", tools_field: str 
     for i, message in enumerate(raw):
         if not isinstance(message, dict):
             raise RecordError("bad_messages", f"message {i} is {type(message).__name__}, not an object")
-        messages += _openai_message(message, i)
+        messages += [_weighted(m, message, weight_field, i) for m in _openai_message(message, i)]
     return [{"messages": messages, "tools": parse_tools(record.get(tools_field), "tools")}]
 
 
@@ -201,7 +231,7 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
             if kind == "reasoning":
                 reasoning = text_of(part.get("value", part.get("text")), f"message {i}")
             elif kind == "tool_call":
-                calls.append(_call_from_json(part.get("value", part.get("text")), i))
+                calls.append(function_call_content(part.get("value", part.get("text")), f"message {i}"))
             else:
                 texts.append(part)
         content = text_of(texts, f"message {i}") if texts else ""
@@ -210,11 +240,9 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
     else:
         content = text_of(content, f"message {i}")
     for call in message.get("tool_calls") or []:
-        function = call.get("function", call) if isinstance(call, dict) else {}
-        calls.append(function_call_content(function.get("name"), function.get("arguments"), f"message {i}"))
+        calls.append(function_call_content(call if isinstance(call, dict) else {}, f"message {i}"))
     if isinstance(message.get("function_call"), dict):  # the older OpenAI API
-        legacy = message["function_call"]
-        calls.append(function_call_content(legacy.get("name"), legacy.get("arguments"), f"message {i}"))
+        calls.append(function_call_content(message["function_call"], f"message {i}"))
     if role == "function_call":
         return [{"role": "function_call", "content": _normal_call(content)}]
     out: list[Message] = []
@@ -226,26 +254,12 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
     return out
 
 
-def _call_from_json(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise RecordError("bad_function_call", f"message {i}: a tool_call part that is not JSON") from None
-    if not isinstance(value, dict):
-        raise RecordError("bad_function_call", f"message {i}: a tool_call part that is not an object")
-    return function_call_content(value.get("name"), value.get("arguments"), f"message {i}")
-
-
 def _normal_call(content: str) -> str:
     """A function_call turn's text as canonical JSON when it is a JSON call; otherwise as written."""
     try:
-        value = json.loads(content)
-    except ValueError:
-        return content
-    if isinstance(value, dict) and isinstance(value.get("name"), str):
-        return function_call_content(value["name"], value.get("arguments"), "function_call")
-    return content
+        return toolcalls.normal_content(content)
+    except toolcalls.ToolCallError as exc:
+        raise RecordError("bad_function_call", f"function_call: {exc}") from None
 
 
 def _json_list(text: str, field: str) -> list[Any]:
@@ -329,3 +343,170 @@ def reasoning(
     if thought:
         answer["reasoning"] = thought
     return [{"messages": [*messages, answer]}]
+
+
+OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+@formats("oasst")
+def oasst(record: dict[str, Any], *, branch: str = "main", max_rank: int | None = None,
+          langs: Sequence[str] = (), include_deleted: bool = False) -> list[Conversation]:
+    """OpenAssistant message trees, as the oasst trees export writes them: ``{"message_tree_id", "prompt":
+    {text, role: prompter|assistant, rank, lang, deleted, review_result, replies: [...]}}`` (a bare root message
+    with ``replies`` works too).
+
+    ``branch: main`` gives one conversation per tree, following the best-ranked reply (rank 0) at every turn;
+    ``branch: all`` gives one per leaf, every path from the prompt to an answer. Replies ranked worse than
+    ``max_rank``, deleted ones, those that failed review and (with ``langs``) other languages are left out. A
+    path ends with the last assistant message on it.
+
+    Examples:
+        >>> tree = {"prompt": {"role": "prompter", "text": "hi", "replies": [
+        ...     {"role": "assistant", "text": "bad", "rank": 1, "replies": []},
+        ...     {"role": "assistant", "text": "good", "rank": 0, "replies": []}]}}
+        >>> [m["content"] for m in oasst(tree)[0]["messages"]]
+        ['hi', 'good']
+        >>> len(oasst(tree, branch="all"))
+        2
+    """
+    if branch not in ("main", "all"):
+        raise RecordError("bad_option", f"branch must be main or all, not {branch!r}")
+    root = record.get("prompt") if isinstance(record.get("prompt"), dict) else record
+    if "replies" not in root or "text" not in root:
+        raise RecordError("missing_field", "an oasst tree has a 'prompt' message (text, role, replies)")
+
+    def usable(message: dict[str, Any]) -> bool:
+        rank = message.get("rank")
+        return ((include_deleted or not message.get("deleted")) and message.get("review_result") is not False
+                and (max_rank is None or rank is None or rank <= max_rank)
+                and (not langs or message.get("lang") in langs))
+
+    def ranked(message: dict[str, Any]) -> list[dict[str, Any]]:  # best first; unranked after ranked, in order
+        replies = [r for r in message.get("replies") or [] if isinstance(r, dict) and usable(r)]
+        return sorted(replies, key=lambda r: (r.get("rank") is None, r.get("rank") or 0))
+
+    if not usable(root):
+        raise SkipRecord("oasst_filtered")
+    paths: list[list[dict[str, Any]]] = []
+    stack = [[root]]
+    while stack:  # depth first, best replies first: paths come out in rank order
+        path = stack.pop()
+        replies = ranked(path[-1])
+        if not replies:
+            paths.append(path)
+        elif branch == "main":
+            stack.append([*path, replies[0]])
+        else:
+            stack.extend([*path, reply] for reply in reversed(replies))
+    conversations = []
+    for path in paths:
+        while path and path[-1].get("role") != "assistant":
+            path = path[:-1]
+        if path:
+            conversations.append({"messages": [_oasst_message(m, i) for i, m in enumerate(path)]})
+    if not conversations:
+        raise SkipRecord("oasst_unanswered")
+    return conversations
+
+
+def _oasst_message(message: dict[str, Any], i: int) -> Message:
+    role = message.get("role")
+    if role not in OASST_ROLES:
+        raise RecordError("unknown_role", f"message {i} has role {role!r}; oasst trees use prompter, assistant")
+    return {"role": OASST_ROLES[role], "content": text_of(message.get("text"), f"message {i}")}
+
+
+@formats("prompt_completion")
+def prompt_completion(record: dict[str, Any], *, prompt_field: str = "prompt", completion_field: str = "completion",
+                      system_field: str = "system") -> list[Conversation]:
+    """TRL's prompt / completion records, standard or conversational.
+
+    Standard records (``prompt`` and ``completion`` are text) become one user turn and one assistant turn of the
+    chat template; conversational ones (lists of ``{role, content}`` messages, as OpenAI's) are the prompt's
+    messages followed by the completion's, and only the completion is trained (TRL's completion-only loss).
+
+    Examples:
+        >>> prompt_completion({"prompt": "2+2?", "completion": "4"})[0]["messages"]
+        [{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}]
+        >>> prompt_completion({"prompt": [{"role": "user", "content": "hi"}],
+        ...                    "completion": [{"role": "assistant", "content": "hey"}]})[0]["messages"][1]
+        {'role': 'assistant', 'content': 'hey'}
+    """
+    prompt, completion = _field(record, prompt_field), _field(record, completion_field)
+    messages: list[Message] = []
+    system = _optional_text(record, system_field)
+    if system:
+        messages.append({"role": "system", "content": system})
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):  # conversational
+        messages += [m for i, raw in enumerate(prompt) for m in _openai_message(raw, i)]
+        if not isinstance(completion, list):
+            completion = [{"role": "assistant", "content": completion}]
+        said = [m for i, raw in enumerate(completion) for m in _openai_message(raw, len(prompt) + i)]
+        if any(m["role"] not in ("assistant", "function_call") for m in said):
+            raise RecordError("bad_completion", "a completion holds only assistant messages")
+        messages += said
+        messages = [m if m in said else {**m, "train": False} for m in messages]
+    else:
+        messages += [{"role": "user", "content": text_of(prompt, f"field '{prompt_field}'")},
+                     {"role": "assistant", "content": text_of(completion, f"field '{completion_field}'")}]
+    return [{"messages": messages}]
+
+
+# -- format: auto ----------------------------------------------------------------------------------------------
+
+# (format, what the records look like): the first rule every sampled record matches wins.
+_DETECTORS: list[tuple[str, str, Any]] = [
+    ("oasst", "OpenAssistant trees ('prompt' with 'replies')",
+     lambda r: isinstance(r.get("prompt"), dict) and "replies" in r["prompt"] or "message_tree_id" in r),
+    ("sharegpt", "'conversations' of {from, value}", lambda r: _turns_with(r.get("conversations"), "from", "role")),
+    ("saiga", "'messages' with the role 'bot'", lambda r: _turns_with(r.get("messages"), "role", bot=True)),
+    ("openai", "'messages' of {role, content}", lambda r: _turns_with(r.get("messages"), "role")),
+    ("prompt_completion", "'prompt' and 'completion'", lambda r: "prompt" in r and "completion" in r),
+    ("reasoning", "'prompt', 'reasoning' and 'answer'", lambda r: {"prompt", "answer"} <= r.keys()),
+    ("instruct", "'instruction' and 'output' (alpaca)",
+     lambda r: "instruction" in r and ({"output", "answer", "instances"} & r.keys())),
+    ("roleplay", "'name', 'context' and dialogues (gpt_roleplay_realm)", lambda r: {"name", "context"} <= r.keys()),
+    ("text", "'text' only (raw text)", lambda r: isinstance(r.get("text"), str)),
+]
+
+
+def _turns_with(value: Any, key: str, other: str | None = None, *, bot: bool = False) -> bool:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return False
+    if isinstance(value, dict) and key in value:  # a struct of lists, as datasets loads it
+        roles = value.get(key) or []
+        return bool(roles) and (not bot or "bot" in roles)
+    if not isinstance(value, list) or not value or not all(isinstance(t, dict) for t in value):
+        return False
+    if not all(key in t or (other and other in t) for t in value):
+        return False
+    return not bot or any(t.get(key) == "bot" for t in value)
+
+
+def detect_format(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The format the records are in, and why (the fields that decided it).
+
+    Raises:
+        RecordError: no known format fits all the records.
+    """
+    records = [r for r in records if isinstance(r, dict)]
+    for name, looks, matches in _DETECTORS:
+        if records and all(matches(r) for r in records):
+            return name, looks
+    fields = sorted({str(k) for r in records for k in r})
+    raise RecordError("unknown_format", f"no known format fits records with fields {', '.join(fields) or 'none'}; "
+                                        "name the source's format (instruct, sharegpt, openai, ...) and, if the "
+                                        "fields differ, a mapping")
+
+
+@formats("auto")
+def auto(record: dict[str, Any]) -> list[Conversation]:
+    """The format read from the record's fields (composition decides once per source from its first records and
+    names its choice; this per-record fallback serves where no record could be read ahead)."""
+    from impruver import registry
+
+    name, _ = detect_format([record])
+    return registry.lookup("formats", name)(record)

@@ -7,7 +7,8 @@ A conversation is a plain dict (cheap to build, pickle and hash in worker proces
 
 Roles: ``system``, ``user``, ``assistant``, ``function_call`` (a tool call the model makes: content is a JSON
 object ``{"name": ..., "arguments": {...}}``) and ``function_response`` (the tool's answer). An assistant or
-function_call message may carry ``reasoning`` (a chain of thought shown before its content).
+function_call message may carry ``reasoning`` (a chain of thought shown before its content), and ``"train": False``
+to keep it out of the loss (a weight of 0 in the source, or the source's roles_to_train / train_on_last_turn_only).
 
 Raw text for pretraining is ``{"text": "..."}``: no template, every token trained.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "function_call", "function_response")
-TRAINABLE_ROLES = frozenset({"assistant", "function_call"})
+from impruver import toolcalls
+
+ROLES = ("system", "user", "assistant", toolcalls.CALL_ROLE, toolcalls.RESPONSE_ROLE)
+TRAINABLE_ROLES = frozenset({"assistant", toolcalls.CALL_ROLE})
 
 Conversation = dict[str, Any]
 Message = dict[str, Any]
@@ -66,16 +69,23 @@ def text_of(content: Any, where: str) -> str:
     raise RecordError("non_text_content", f"{where}: content is {type(content).__name__}, not text")
 
 
-def function_call_content(name: Any, arguments: Any, where: str) -> str:
-    """The canonical content of a function_call turn: ``{"name": ..., "arguments": {...}}`` as compact JSON."""
-    if not isinstance(name, str) or not name:
-        raise RecordError("bad_function_call", f"{where}: a tool call without a function name")
-    if isinstance(arguments, str):
+def function_call_content(call: Any, where: str) -> str:
+    """The canonical content of a function_call turn (``{"name": ..., "arguments": {...}}`` as compact JSON) for
+    a call in any shape :func:`impruver.toolcalls.from_openai` reads (a JSON string of one too).
+
+    Raises:
+        RecordError: ``bad_function_call`` for a call without a name, arguments that are not JSON, or a string
+            that is not a JSON object.
+    """
+    if isinstance(call, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            call = json.loads(call)
         except ValueError:
-            raise RecordError("bad_function_call", f"{where}: arguments of '{name}' are not JSON") from None
-    return json.dumps({"name": name, "arguments": arguments if arguments is not None else {}}, ensure_ascii=False)
+            raise RecordError("bad_function_call", f"{where}: a tool call that is not JSON") from None
+    try:
+        return toolcalls.content_of(toolcalls.from_openai(call))
+    except toolcalls.ToolCallError as exc:
+        raise RecordError("bad_function_call", f"{where}: {exc}") from None
 
 
 def parse_tools(tools: Any, where: str) -> list[dict[str, Any]] | None:
@@ -119,7 +129,7 @@ def validate(conversation: Conversation, where: str) -> Conversation:
             raise RecordError("non_text_content", f"{where}: message {i} ({role}) has no text content")
         if not message["content"].strip() and role != "system":
             raise RecordError("empty_message", f"{where}: message {i} ({role}) is empty")
-        trainable = trainable or role in TRAINABLE_ROLES
+        trainable = trainable or (role in TRAINABLE_ROLES and message.get("train", True))
     if not trainable:
         raise RecordError("no_assistant_turn", f"{where}: no assistant or function_call turn to train on")
     return conversation
@@ -133,6 +143,35 @@ def with_system(conversation: Conversation, system: str | None) -> Conversation:
     if messages and messages[0]["role"] == "system":
         return conversation
     return {**conversation, "messages": [{"role": "system", "content": system}, *messages]}
+
+
+def select_trained(conversation: Conversation, roles: frozenset[str] | None = None,
+                   last_turn_only: bool = False) -> Conversation:
+    """The conversation with ``"train": False`` on the model's messages that are not to be trained: those whose
+    role is not in ``roles`` and, with ``last_turn_only``, all but the last turn (the last run of the model's
+    messages: an answer with its calls).
+
+    Raises:
+        RecordError: ``no_assistant_turn`` when nothing is left to train on.
+    """
+    if "text" in conversation or (roles is None and not last_turn_only):
+        return conversation
+    messages = [dict(m) for m in conversation["messages"]]
+    for message in messages:
+        if roles is not None and message["role"] in TRAINABLE_ROLES and message["role"] not in roles:
+            message["train"] = False
+    if last_turn_only:
+        end = max((i for i, m in enumerate(messages) if m["role"] in TRAINABLE_ROLES), default=-1)
+        start = end
+        while start > 0 and messages[start - 1]["role"] in TRAINABLE_ROLES:  # the whole last turn: text and calls
+            start -= 1
+        for message in messages[:start]:
+            if message["role"] in TRAINABLE_ROLES:
+                message["train"] = False
+    if not any(m["role"] in TRAINABLE_ROLES and m.get("train", True) for m in messages):
+        raise RecordError("no_assistant_turn", "nothing left to train on after roles_to_train / "
+                                               "train_on_last_turn_only")
+    return {**conversation, "messages": messages}
 
 
 def plain_text(conversation: Conversation) -> str:

@@ -34,7 +34,8 @@ from impruver.errors import DataError, RunError
 from impruver.ui import console, log
 
 DATA_VERSION = 1  # bump when the same inputs would give different outputs
-CHUNK = 512  # records per task sent to a worker
+CHUNK = 512  # records per task sent to a worker, at most
+CHUNK_BYTES = 8 << 20  # and at most about this many bytes of JSON lines (a few long documents make a task)
 REPORT = "compose_report.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -158,7 +159,7 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
         collected = clock("process", _process_sources, plan, settings, work)
         decisions = clock("dedup_split", _decide, plan, collected)
         stats = clock("write", _write_outputs, collected, decisions, work)
-        report = _report(plan, digest, tokenizer, collected, decisions, stats)
+        report = _report(plan, digest, tokenizer, collected, decisions, stats, settings)
         if not report["train"]["samples"]:
             raise DataError("no training sample is left after composition: " + "; ".join(
                 f"{name}: {row['loaded']} loaded, {sum(row['invalid'].values())} invalid, "
@@ -202,14 +203,84 @@ def _settings(plan: Any, tokenizer_dir: Path) -> dict[str, Any]:
     sources = {}
     for name, src in plan.sources.items():
         limit = min(src.max_tokens or plan.max_tokens, plan.max_tokens)
+        fmt, options, detected = resolve_format(src, name, plan.dataset.seed)
         sources[name] = {
-            "name": name, "format": src.format, "options": dict(src.options), "mapping": dict(src.mapping),
-            "system": src.system,
+            "name": name, "format": fmt, "options": options, "mapping": dict(src.mapping),
+            "system": src.system, "detected": detected,
             "render": SourceOptions(src.only_target_loss, src.add_bos, src.add_eos, limit, plan.dataset.length_policy),
+            **_trained_turns(src, name),
         }
     return {"tokenizer_dir": str(tokenizer_dir), "sources": sources, "on_error": plan.dataset.on_error,
             "dedup": {"near": spec.near, "num_perm": spec.num_perm, "shingle_size": spec.shingle_size,
                       "bands": bands, "rows": rows}}
+
+
+def resolve_format(src: Any, name: str, seed: int) -> tuple[str, dict[str, Any], str]:
+    """A source's format and options, and how they were chosen: as configured; from LLaMA-Factory's
+    dataset_info.json entry (``formatting``, ``columns``, ``tags``) for ``format: auto``; or, for ``format: auto``,
+    detected from the fields of its first records.
+
+    Raises:
+        DataError: format auto on records no known format fits.
+    """
+    from impruver.data import formats
+    from impruver.data.messages import RecordError
+    from impruver.data.sources import dataset_info_entry
+
+    key = f"dataset.sources.{name}"
+    listed = dataset_info_entry(src, f"{key}.path")
+    if src.format != "auto":
+        return src.format, dict(src.options), ""
+    if listed is not None:
+        fmt, options = _llamafactory_format(listed[1], f"{key}.subset")
+        return fmt, {**options, **src.options}, f"LLaMA-Factory formatting '{listed[1].get('formatting', 'alpaca')}'"
+    from itertools import islice
+
+    first = []
+    for _, payload in islice(iter_items(src, name=name, seed=seed), 20):
+        try:
+            first.append(convert.parse_payload(payload))
+        except RecordError:  # a broken record is the converter's to report, with its line
+            continue
+    try:
+        fmt, looks = formats.detect_format(first)
+    except RecordError as exc:
+        raise DataError(f"{key}.format: auto: {exc.detail}") from None
+    log.info("%s: format auto -> %s (the first %d records have %s)", key, fmt, len(first), looks)
+    return fmt, dict(src.options), f"detected: {looks}"
+
+
+def _llamafactory_format(entry: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
+    """impruver's format and options for a dataset_info.json entry."""
+    columns, tags = entry.get("columns") or {}, entry.get("tags") or {}
+    formatting = entry.get("formatting", "alpaca")
+    if entry.get("ranking") or {"chosen", "rejected", "kto_tag"} & columns.keys():
+        raise DataError(f"{key}: '{entry.get('file_name', entry.get('hf_hub_url'))}' holds preference pairs; "
+                        "impruver composes supervised data only")
+    if formatting == "alpaca":
+        names = {"prompt": "instruction_field", "query": "input_field", "response": "output_field",
+                 "system": "system_field", "history": "history_field"}
+        return "instruct", {names[k]: v for k, v in columns.items() if k in names}
+    if formatting == "sharegpt":
+        names = {"messages": "field", "tools": "tools_field", "system": "system_field"}
+        options = {names[k]: v for k, v in columns.items() if k in names}
+        return "sharegpt", {**options, **{k: v for k, v in tags.items() if k.endswith("_tag")}}
+    raise DataError(f"{key}: LLaMA-Factory formatting '{formatting}' is not one impruver reads (alpaca, sharegpt)")
+
+
+def _trained_turns(src: Any, name: str) -> dict[str, Any]:
+    """Which of the model's turns a source trains: ``roles_to_train`` (assistant, function_call) and
+    ``train_on_last_turn_only``, read from the source when its schema has them."""
+    from impruver.data.messages import TRAINABLE_ROLES
+    from impruver.errors import ConfigError, Problem
+
+    roles = getattr(src, "roles_to_train", None)
+    if roles is not None and not set(roles) <= TRAINABLE_ROLES:
+        raise ConfigError([Problem(f"dataset.sources.{name}.roles_to_train",
+                                   f"{sorted(set(roles) - TRAINABLE_ROLES)} are not the model's turns; choose from "
+                                   f"{', '.join(sorted(TRAINABLE_ROLES))}")])
+    return {"roles_to_train": frozenset(roles) if roles is not None else None,
+            "train_on_last_turn_only": bool(getattr(src, "train_on_last_turn_only", False))}
 
 
 def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
@@ -220,22 +291,59 @@ def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
 
     texts = _training_texts(plan) if tokenizer_needs_texts(plan.tokenizer.builder) else None
     tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
+    check_special_tokens(plan, tokenizer)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
+def check_special_tokens(plan: Any, tokenizer: Any) -> None:
+    """Every source's add_bos / add_eos needs the token: refused once, naming each source, before any record is
+    read (not as every record invalid).
+
+    Raises:
+        ConfigError: a source adds a BOS or EOS the tokenizer does not have.
+    """
+    from impruver.errors import ConfigError, Problem
+
+    problems = [Problem(f"dataset.sources.{name}.add_{kind}",
+                        f"the tokenizer has no {kind}_token to add; give one in tokenizer.special_tokens "
+                        f"({{{kind}_token: ...}}) or drop add_{kind}")
+                for name, src in plan.sources.items() for kind in ("bos", "eos")
+                if getattr(src, f"add_{kind}") and getattr(tokenizer, f"{kind}_token_id") is None]
+    if problems:
+        raise ConfigError(problems)
+
+
+BPE_SAMPLE_CHARS = 100_000_000  # characters of text a BPE is trained on, at most (a bounded sample stream)
+
+
 def _training_texts(plan: Any) -> Iterator[str]:
-    """The sources' message text, streamed, for training a BPE."""
+    """The sources' message text, streamed for training a BPE: the sources in turn, one conversation each, so a
+    large first source does not fill the sample alone; at most BPE_SAMPLE_CHARS characters. (A BPE's merges come
+    from word counts, so the order does not change the tokenizer when everything fits.)"""
     settings = _settings(plan, Path("."))
-    for name, spec in plan.sources.items():
-        source = settings["sources"][name]
-        counts = convert.new_counts()
-        items = iter_items(spec, name=name, seed=plan.dataset.seed)
-        for _, conversation in convert.convert_items(items, source, plan.dataset.on_error, counts):
-            if "text" in conversation:
-                yield conversation["text"]
-            else:
-                yield "\n".join(m["content"] for m in conversation["messages"])
+    streams = [_source_texts(plan, name, spec, settings["sources"][name]) for name, spec in plan.sources.items()]
+    budget = BPE_SAMPLE_CHARS
+    while streams and budget > 0:
+        for stream in list(streams):
+            text = next(stream, None)
+            if text is None:
+                streams.remove(stream)
+                continue
+            budget -= len(text)
+            yield text
+    if streams:
+        log.info("the BPE is trained on the first %d characters of the sources, taken in turn", BPE_SAMPLE_CHARS)
+
+
+def _source_texts(plan: Any, name: str, spec: Any, source: dict[str, Any]) -> Iterator[str]:
+    counts = convert.new_counts()
+    items = iter_items(spec, name=name, seed=plan.dataset.seed)
+    for _, conversation in convert.convert_items(items, source, plan.dataset.on_error, counts):
+        if "text" in conversation:
+            yield conversation["text"]
+        else:
+            yield "\n".join(m["content"] for m in conversation["messages"])
 
 
 def _tasks(plan: Any, work: Path) -> Iterator[tuple[int, str, list[tuple[str, Any]], str]]:
@@ -243,11 +351,13 @@ def _tasks(plan: Any, work: Path) -> Iterator[tuple[int, str, list[tuple[str, An
     index = 0
     for name, spec in plan.sources.items():
         chunk: list[tuple[str, Any]] = []
+        size = 0  # bytes of the chunk's unparsed lines (records read as objects are not counted)
         for item in iter_items(spec, name=name, seed=plan.dataset.seed):
             chunk.append(item)
-            if len(chunk) == CHUNK:
+            size += len(item[1]) if isinstance(item[1], (bytes, str)) else 0
+            if len(chunk) == CHUNK or size >= CHUNK_BYTES:
                 yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
-                index, chunk = index + 1, []
+                index, chunk, size = index + 1, [], 0
         if chunk:
             yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
             index += 1
@@ -313,12 +423,15 @@ class _Collector:
         self.names = names
         self.counts = {n: convert.new_counts() for n in names}
         self.parts: dict[str, list[np.ndarray]] = {k: [] for k in ("exact", "bands", "per_unit", "lengths",
-                                                                   "trainable", "source", "sizes")}
+                                                                   "trainable", "source", "sizes",
+                                                                   "shingle_counts")}
         self.shards: list[str] = []
         self.shard_samples: list[int] = []  # samples (lines) in each shard
         self.num_perm = num_perm
         self.sig_path = work / "signatures.u32"
         self.sig_file = self.sig_path.open("wb")
+        self.shingle_path = work / "shingles.u64"  # every unit's shingle hashes, for exact Jaccard checks
+        self.shingle_file = self.shingle_path.open("wb")
 
     def add(self, shard: str, result: dict[str, Any]) -> None:
         counts = self.counts[result["source"]]
@@ -329,18 +442,25 @@ class _Collector:
         if result["bands"] is not None:
             self.parts["bands"].append(result["bands"])
             self.sig_file.write(result["sigs"].tobytes())
+            self.parts["shingle_counts"].append(result["shingle_counts"])
+            self.shingle_file.write(result["shingles"].tobytes())
         self.parts["source"].append(np.full(len(result["exact"]), self.names.index(result["source"]), np.int32))
         self.shards.append(shard)
         self.shard_samples.append(len(result["sizes"]))
 
     def finish(self) -> dict[str, Any]:
         self.sig_file.close()
+        self.shingle_file.close()
         flat = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in self.parts.items()}
         units = len(flat["exact"])
-        signatures = None
+        signatures = shingled = None
         if self.parts["bands"] and units:
             signatures = np.memmap(self.sig_path, dtype=np.uint32, mode="r", shape=(units, self.num_perm))
-        return {**flat, "signatures": signatures, "counts": self.counts, "shards": self.shards,
+            offsets = np.r_[0, np.cumsum(flat["shingle_counts"])]  # (units + 1,)
+            values = np.memmap(self.shingle_path, dtype=np.uint64, mode="r") if offsets[-1] else \
+                np.zeros(0, dtype=np.uint64)
+            shingled = (values, offsets)
+        return {**flat, "signatures": signatures, "shingled": shingled, "counts": self.counts, "shards": self.shards,
                 "shard_samples": self.shard_samples, "names": self.names}
 
 
@@ -352,9 +472,12 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
     exact_dup = dedup.first_occurrences(collected["exact"], candidates) if spec.dedup.exact else ~candidates
     candidates &= ~exact_dup
     near_dup = np.zeros(units, dtype=bool)
+    near_rejected = np.zeros(units, dtype=bool)  # estimated near-duplicates that the exact Jaccard cleared
     if spec.dedup.near and collected["signatures"] is not None:
+        rejected: list[int] = []
         near_dup = dedup.near_duplicates(collected["bands"], collected["signatures"], candidates,
-                                         spec.dedup.threshold)
+                                         spec.dedup.threshold, collected["shingled"], rejected)
+        near_rejected[rejected] = True
         candidates &= ~near_dup
     kept = np.flatnonzero(candidates)
     val = np.zeros(units, dtype=bool)
@@ -368,7 +491,8 @@ def _decide(plan: Any, collected: dict[str, Any]) -> dict[str, np.ndarray]:
     # one more with probability frac(w), drawn per unit from the seed.
     repeats = (np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
     repeats[~candidates | val] = 0
-    return {"exact_dup": exact_dup, "near_dup": near_dup, "val": val, "repeats": repeats, "candidates": candidates}
+    return {"exact_dup": exact_dup, "near_dup": near_dup, "near_rejected": near_rejected, "val": val,
+            "repeats": repeats, "candidates": candidates}
 
 
 def _val_count(spec: Any, kept: int) -> int:
@@ -428,17 +552,22 @@ def _stats(lengths: np.ndarray, trainable: np.ndarray) -> dict[str, Any]:
 
 
 def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], decisions: dict[str, np.ndarray],
-            stats: dict[str, Any]) -> dict[str, Any]:
+            stats: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     sources = {}
     for i, name in enumerate(collected["names"]):
         mine = collected["source"] == i
         counts = collected["counts"][name]
+        chosen = settings["sources"][name]
         sources[name] = {
+            "format": chosen["format"] + (f" ({chosen['detected']})" if chosen["detected"] else ""),
             "loaded": counts["loaded"], "converted": counts["converted"],
             "invalid": dict(sorted(counts["invalid"].items())), "skipped": dict(sorted(counts["skipped"].items())),
             "too_long": counts["too_long"], "no_trainable": counts["no_trainable"],
+            "truncated": counts["truncated"], "dropped_messages": counts["dropped_messages"],
+            "reasoning_dropped": counts["reasoning_dropped"],
             "duplicates": int((decisions["exact_dup"] & mine).sum() + (decisions["near_dup"] & mine).sum()),
             "near_duplicates": int((decisions["near_dup"] & mine).sum()),
+            "near_kept_by_exact_jaccard": int((decisions["near_rejected"] & mine).sum()),
             "kept": int(((decisions["repeats"] > 0) | decisions["val"])[mine].sum()),
             "weighted_out": int((decisions["candidates"] & ~decisions["val"] & (decisions["repeats"] == 0))[mine].sum()),
             "train_samples": int((decisions["repeats"] * collected["per_unit"])[mine].sum()),
@@ -495,6 +624,15 @@ def show_report(report: dict[str, Any], *, reused: bool = False) -> None:
                                        _reasons(row["skipped"]), row["too_long"] + row.get("no_trainable", 0),
                                        row["duplicates"], row["kept"], row["train_samples"], row["val_samples"])))
     console.print(table)
+    for name, row in report.get("sources", {}).items():  # what was kept, but not whole: never silent
+        notes = [f"{row['truncated']} samples truncated to fit ({row['dropped_messages']} earlier messages dropped)"
+                 if row.get("truncated") else "",
+                 f"{row['reasoning_dropped']} reasoning blocks the chat template leaves out"
+                 if row.get("reasoning_dropped") else "",
+                 f"{row['near_kept_by_exact_jaccard']} near-duplicate candidates kept (exact Jaccard below the "
+                 "threshold)" if row.get("near_kept_by_exact_jaccard") else ""]
+        if any(notes):
+            console.print(f"{name}: " + "; ".join(n for n in notes if n))
     tokens = Table(title="tokens per sample", title_justify="left")
     for column in ("split", "samples", "tokens", "min", "mean", "p50", "p95", "max", "trained share"):
         tokens.add_column(column, justify="left" if column == "split" else "right", min_width=len(column))

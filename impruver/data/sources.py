@@ -1,16 +1,18 @@
 """Where records come from: local files and folders, files shipped in packages (``pkg://``), and the Hub.
 
 Records are streamed: :func:`iter_items` yields one ``(where, payload)`` at a time, where ``where`` names the
-record for error messages (``file:line`` for local files) and ``payload`` is an unparsed JSON line (parsed later,
-in a worker process) or a record dict. Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction``
-are applied here, before any conversion.
+record for error messages (``file:line`` for local files) and ``payload`` is an unparsed JSON line as bytes
+(decoded and parsed later, in a worker process, so that a bad byte is one bad record) or a record dict.
+Slicing (``train[:1000]``, ``train[10%:]``), ``limit`` and ``fraction`` are applied here, before any conversion.
 
-JSON lines, parquet, csv and text files are read incrementally; a ``.json`` file holding one big array is parsed
-whole (prefer JSON lines or parquet for millions of records); Hub datasets are Arrow tables mapped from disk.
+JSON lines, parquet, csv, text files and ``.json`` arrays are read incrementally (memory holds a window and a
+record, and ``limit`` stops the reading early); a ``.json`` object is parsed whole; Hub datasets are Arrow tables
+mapped from disk.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
@@ -72,9 +74,51 @@ def parse_split(split: str, key: str) -> tuple[str, str | None, str | None]:
     return match["name"], match["start"], match["stop"]
 
 
+def dataset_info_entry(spec: Any, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """LLaMA-Factory's ``dataset_info.json`` as a source (``path: .../dataset_info.json``, ``subset: NAME``): the
+    file and the entry of the named dataset; None for any other path.
+
+    Raises:
+        DataError: no dataset named, or a name the file does not list (with the closest ones).
+    """
+    root = resolve_path(spec.path, key)
+    if root is None or not root.is_file() or not root.name.endswith("dataset_info.json"):
+        return None
+    info = json.loads(_read_text(root, key))
+    if not spec.subset or spec.subset not in info:
+        from impruver.errors import choices_hint
+
+        wanted = f"no dataset '{spec.subset}' in it" if spec.subset else "name one of its datasets with subset: NAME"
+        raise DataError(f"{key}: {root} is LLaMA-Factory's dataset list; {wanted} "
+                        f"({choices_hint(spec.subset or '', sorted(info))})")
+    return root, info[spec.subset]
+
+
+def _dataset_info_items(spec: Any, root: Path, entry: dict[str, Any], key: str) -> Iterator[Item]:
+    """The records of one dataset_info.json entry: its file or folder beside the list, or its Hub dataset."""
+    if "file_name" in entry:
+        yield from _local_items(local_files(root.parent / entry["file_name"], key), key)
+    elif "hf_hub_url" in entry:
+        from types import SimpleNamespace
+
+        hub = SimpleNamespace(path=entry["hf_hub_url"], subset=entry.get("subset"),
+                              split=entry.get("split", spec.split), revision=entry.get("revision", spec.revision),
+                              trust_remote_code=spec.trust_remote_code)
+        yield from _hub_items(hub, key)
+    else:
+        raise DataError(f"{key}: the entry '{spec.subset}' of {root} has neither file_name nor hf_hub_url "
+                        f"(it has {', '.join(sorted(entry))}); impruver reads those two")
+
+
 def iter_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
     """Every record of one source, sliced, limited and sampled as it says."""
     key = f"dataset.sources.{name}.path"
+    listed = dataset_info_entry(spec, key)
+    if listed is not None:  # LLaMA-Factory's num_samples: the first records, unless the source sets a limit
+        items = _dataset_info_items(spec, *listed, key)
+        if spec.limit is None and listed[1].get("num_samples"):
+            items = _sliced(items, 0, int(listed[1]["num_samples"]))
+        return _sampled(items, spec, name, seed)
     root = resolve_path(spec.path, key)
     split_name, start, stop = parse_split(spec.split, f"dataset.sources.{name}.split")
     if root is None:
@@ -143,7 +187,7 @@ def _file_items(path: Path, key: str) -> Iterator[Item]:
     elif suffix == ".parquet":
         yield from _parquet_items(path)
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             for i, row in enumerate(csv.DictReader(handle), 2):
                 yield f"{path}:{i}", row
     elif suffix == ".txt":
@@ -153,14 +197,30 @@ def _file_items(path: Path, key: str) -> Iterator[Item]:
 
 
 def _jsonl_items(path: Path) -> Iterator[Item]:
-    with path.open(encoding="utf-8") as handle:
+    """Each non-blank line, as bytes: decoding (and so an invalid UTF-8 byte) is a per-record matter, reported
+    with its file:line by the converter and skippable like any bad record. A UTF-8 byte-order mark (written by
+    some Windows editors) is dropped from the first line."""
+    with path.open("rb") as handle:
         for lineno, line in enumerate(handle, 1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
             if line.strip():
                 yield f"{path}:{lineno}", line
 
 
+_ARRAY_CHUNK = 1 << 20  # characters read at a time from a JSON array
+
+
 def _json_items(path: Path, key: str) -> Iterator[Item]:
-    text = path.read_text(encoding="utf-8")
+    """The records of a ``.json`` file: a top-level array is read incrementally (memory holds one chunk and one
+    record, and ``limit`` stops the reading early); an object (one record, or ``{"data": [records]}``) or JSON lines
+    under a .json name are read whole."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).decode("utf-8-sig", errors="ignore").lstrip()
+    if head.startswith("["):
+        yield from _array_items(path, key)
+        return
+    text = _read_text(path, key)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -177,6 +237,97 @@ def _json_items(path: Path, key: str) -> Iterator[Item]:
         yield f"{path}[{i}]", record
 
 
+def _array_items(path: Path, key: str) -> Iterator[Item]:
+    """The elements of a top-level JSON array, parsed one at a time from a sliding window of the text."""
+    decoder = json.JSONDecoder()
+    reader = codecs.getincrementaldecoder("utf-8-sig")()
+    buffer, position, index, eof = "", 0, 0, False
+    consumed_lines, column_base = 1, 0  # the line the window starts on, and the characters of it before the window
+
+    with path.open("rb") as handle:
+
+        def more() -> bool:
+            nonlocal buffer, eof, position, consumed_lines, column_base
+            if eof:
+                return False
+            data = handle.read(_ARRAY_CHUNK)
+            try:
+                text = reader.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                start = max(exc.start, 0)
+                line = consumed_lines + buffer.count("\n") + data.count(b"\n", 0, start)
+                column = start - data.rfind(b"\n", 0, start)  # in bytes, from the chunk's last line start
+                raise DataError(f"{path}:{line}: byte 0x{data[start]:02x} at column {column} is not UTF-8 "
+                                f"({key}); save the file as UTF-8") from None
+            eof = not data
+            newline = buffer.rfind("\n", 0, position)  # drop what is parsed; keep lines and columns right
+            consumed_lines += buffer.count("\n", 0, position)
+            column_base = position - newline - 1 if newline >= 0 else column_base + position
+            buffer, position = buffer[position:] + text, 0
+            return True
+
+        def column(at: int) -> int:  # 1-based column of the window's character ``at``
+            newline = buffer.rfind("\n", 0, at)
+            return at - newline if newline >= 0 else column_base + at + 1
+
+        def skip(chars: str) -> str:  # the next character that is not in ``chars`` ("" at the end)
+            nonlocal position
+            while True:
+                while position < len(buffer) and buffer[position] in chars:
+                    position += 1
+                if position < len(buffer) or not more():
+                    return buffer[position:position + 1]
+
+        if skip(" \t\r\n") != "[":
+            raise DataError(f"{key}: {path} does not start with a JSON array")
+        position += 1
+        expect_value = True
+        while True:
+            mark = skip(" \t\r\n")
+            if mark == "]":
+                return
+            if mark == "," and not expect_value:
+                position += 1
+                expect_value = True
+                continue
+            if not mark or not expect_value:
+                line = consumed_lines + buffer.count("\n", 0, position)
+                raise DataError(f"{path}:{line}: not valid JSON (expected ',' or ']' after record {index - 1})"
+                                if mark else f"{path}: the JSON array is cut short after record {index - 1}")
+            while True:
+                try:
+                    record, end = decoder.raw_decode(buffer, position)
+                except json.JSONDecodeError as exc:
+                    if more():  # perhaps only cut by the window: read on and try again
+                        continue
+                    line = consumed_lines + buffer.count("\n", 0, exc.pos)
+                    raise DataError(f"{path}:{line}: not valid JSON ({exc.msg}, column {column(exc.pos)})") from None
+                if end == len(buffer) and more():  # a number may go on in the next chunk
+                    continue
+                break
+            position = end
+            expect_value = False
+            yield f"{path}[{index}]", record
+            index += 1
+
+
+def _read_text(path: Path, key: str) -> str:
+    """A whole file as text (a UTF-8 byte-order mark accepted); invalid UTF-8 named with its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = _line_column(data, exc.start)
+        raise DataError(f"{path}:{line}: byte 0x{data[exc.start]:02x} at column {column} is not UTF-8 ({key}); "
+                        "save the file as UTF-8") from None
+
+
+def _line_column(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in bytes) of ``offset`` in ``data``."""
+    start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - start + 1
+
+
 def _parquet_items(path: Path) -> Iterator[Item]:
     import pyarrow.parquet as pq
 
@@ -191,7 +342,7 @@ def _text_items(path: Path) -> Iterator[Item]:
     """Paragraphs (separated by blank lines) of a text file, each a ``{"text": ...}`` record."""
     lines: list[str] = []
     first = 1
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, 1):
             if line.strip():
                 if not lines:
@@ -229,11 +380,18 @@ def _hub_items(spec: Any, key: str) -> Iterator[Item]:
 
 def fingerprint_source(spec: Any, name: str) -> dict[str, Any]:
     """What identifies a source's content: local files by size and content hash, Hub ids by revision."""
-    root = resolve_path(spec.path, f"dataset.sources.{name}.path")
+    key = f"dataset.sources.{name}.path"
+    root = resolve_path(spec.path, key)
     if root is None:
         return {"hub": spec.path, "revision": spec.revision, "subset": spec.subset}
+    files = local_files(root, key)
+    listed = dataset_info_entry(spec, key)
+    if listed is not None:
+        if "file_name" not in listed[1]:
+            return {"dataset_info": listed[1]}
+        files = [root, *local_files(root.parent / listed[1]["file_name"], key)]
     digests = []
-    for path in local_files(root, f"dataset.sources.{name}.path"):
+    for path in files:
         hasher = xxhash.xxh64()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

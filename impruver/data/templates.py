@@ -4,13 +4,17 @@
 Templates get the variables Hugging Face templates get: ``messages``, ``tools``, ``add_generation_prompt`` and the
 tokenizer's special tokens (``bos_token``, ``eos_token``...).
 
-How a template sees impruver's roles (see :func:`impruver.data.render.template_messages`):
+How a template sees impruver's roles is learned by rendering probe conversations (see
+:class:`impruver.data.render.Renderer`), never by reading its source:
 
-* a template whose source names the role ``function_call`` renders impruver's roles as they are (saiga, chatml);
-* one that knows ``tool_calls`` gets OpenAI-style assistant tool calls and ``tool`` messages (Qwen3, ...);
-* any other gets a call as an assistant turn (its JSON as text) and a tool's answer as a user turn.
+* one that renders OpenAI-style ``tool_calls`` gets them, all calls of a turn in one message where it renders
+  several, and ``tool`` messages where it renders those (Qwen3, ...);
+* one that knows the roles ``function_call`` / ``function_response`` (renders them, refuses a role nobody uses)
+  gets impruver's roles as they are (saiga, chatml);
+* any other gets a call as JSON text in an assistant turn and a tool's answer as a user turn.
 
-A template that never reads ``tools`` gets the function schemas written into its system turn.
+A template that renders no ``tools=`` gets the function schemas in its system turn (as the system message's
+``tools`` where it renders that, as Phi-4-mini does), or in the first user turn when it has no system turn.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ SAIGA = (
     "{%- for message in messages %}"
     "{%- set role = 'bot' if message['role'] == 'assistant' else message['role'] %}"
     "{#- roles: system, user, assistant (bot), function_call, function_response #}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'function_call', 'function_response'] %}"
+    "{{- raise_exception('saiga turns are system, user, assistant, function_call or function_response, not '"
+    " + message['role']) }}{%- endif %}"
     "{{- bos_token + role + '\\n' }}"
     "{%- if message['role'] in ['assistant', 'function_call'] %}"
     "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
@@ -50,6 +57,9 @@ ZEPHYR = (
 CHATML = (
     "{%- for message in messages %}"
     "{#- roles: system, user, assistant, function_call, function_response #}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant', 'function_call', 'function_response'] %}"
+    "{{- raise_exception('chatml turns are system, user, assistant, function_call or function_response, not '"
+    " + message['role']) }}{%- endif %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['role'] in ['assistant', 'function_call'] %}"
     "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
