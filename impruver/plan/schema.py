@@ -103,6 +103,10 @@ class SourceSpec(Spec):
     add_bos: bool = False
     add_eos: bool = False
     system: str | None = None  # a system prompt added to conversations that have none
+    # Which of the model's turns are trained: a subset of [assistant, function_call] (None: both), and only the
+    # last one of a conversation (earlier answers stay as context, out of the loss).
+    roles_to_train: list[Literal["assistant", "function_call"]] | None = None
+    train_on_last_turn_only: bool = False
     trust_remote_code: bool = False
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the format
 
