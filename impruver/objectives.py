@@ -39,7 +39,6 @@ from impruver.errors import ConfigError, Problem, RegistryError, choices_hint
 from impruver.record import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    import torch
     from torch import Tensor
 
 # TODO(wiring): move into impruver/registry/__init__.py (KINDS + _REGISTRIES) so `lookup("objectives", ...)`,

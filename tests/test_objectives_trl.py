@@ -263,8 +263,8 @@ def test_kto_equals_trl(models: tuple[Any, Any]) -> None:
     # TRL's KL estimate pairs each prompt with the next sample's answer (mismatched pairs)
     kl_answers = answers[1:] + answers[:1]
     main, kl = padded(list(zip(prompts, answers))), padded(list(zip(prompts, kl_answers)))
-    batch = {**main, "label": torch.tensor(labels), "KL_input_ids": kl["input_ids"], "KL_attention_mask": kl["attention_mask"],
-             "KL_completion_mask": kl["completion_mask"]}
+    batch = {**main, "label": torch.tensor(labels), "KL_input_ids": kl["input_ids"],
+             "KL_attention_mask": kl["attention_mask"], "KL_completion_mask": kl["completion_mask"]}
     trainer = _trl(KTOTrainer, model=policy, ref_model=ref, calculate_KL=True, precompute_ref_logps=False,
                    loss_type="kto", beta=0.3, desirable_weight=1.0, undesirable_weight=1.5)
     with torch.no_grad():
