@@ -7,6 +7,7 @@ instead of matching names::
     objective.needs_reference     # does the loss read a reference model's log-probs?   (orpo, simpo: no)
     objective.pairs               # one chosen and one rejected answer per sample?      (kto: unpaired, labelled)
     objective.preference          # preference data at all?                             (sft: no)
+    objective.accepts             # the records it trains on, as formats produce them ("pair", "labelled", ...)
     objective.memory(n_params=..., adapter=..., compute_bytes=...) -> ObjectiveMemory
     objective.loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    chosen_tokens=..., rejected_tokens=...) -> (loss, metrics)
@@ -125,6 +126,7 @@ class Objective(Protocol):
     needs_reference: ClassVar[bool]
     pairs: ClassVar[bool]
     preference: ClassVar[bool]
+    accepts: ClassVar[frozenset[str]]  # records it trains on: "conversation", "pair", "labelled"
     options: BaseModel
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory: ...
@@ -207,6 +209,7 @@ class Sft:
     needs_reference: ClassVar[bool] = False
     pairs: ClassVar[bool] = False
     preference: ClassVar[bool] = False
+    accepts: ClassVar[frozenset[str]] = frozenset({"conversation"})
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=1)
@@ -231,6 +234,7 @@ class Dpo:
     needs_reference: ClassVar[bool] = True
     pairs: ClassVar[bool] = True
     preference: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
@@ -261,6 +265,7 @@ class Ipo:
     needs_reference: ClassVar[bool] = True
     pairs: ClassVar[bool] = True
     preference: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
@@ -291,6 +296,7 @@ class Orpo:
     needs_reference: ClassVar[bool] = False
     pairs: ClassVar[bool] = True
     preference: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=2)
@@ -325,6 +331,7 @@ class Simpo:
     needs_reference: ClassVar[bool] = False
     pairs: ClassVar[bool] = True
     preference: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=2)
@@ -360,6 +367,7 @@ class Kto:
     needs_reference: ClassVar[bool] = True
     pairs: ClassVar[bool] = False
     preference: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset({"labelled", "pair"})
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
@@ -425,6 +433,16 @@ def check_objective(name: str, options: dict[str, Any] | None = None, key: str =
     except ValidationError as exc:
         return [_problem(err, cls, key) for err in exc.errors()]
     return []
+
+
+def data_problems(name: str, produces: dict[str, str], key: str = "dataset.sources") -> list[Problem]:
+    """A cross-section rule for the planner: every source's format must produce records the objective trains
+    on (``produces``: source name -> ``impruver.data.preference.produces_of(format)``). KTO also takes pairs
+    (each pair becomes a desirable and an undesirable answer)."""
+    accepts = objective_class(name).accepts
+    return [Problem(f"{key}.{source}.format", f"objective '{name}' trains on {' or '.join(sorted(accepts))} "
+                                              f"records, but this source's format gives {kind} records")
+            for source, kind in produces.items() if kind not in accepts]
 
 
 def build_objective(name: str, options: dict[str, Any] | None = None) -> Any:
@@ -528,6 +546,6 @@ def _gather(per_token: Tensor, index: Tensor, n_sequences: int) -> SequenceLogps
 
 __all__ = [
     "Dpo", "Ipo", "Kto", "Metrics", "Objective", "ObjectiveMemory", "Orpo", "SequenceLogps", "Sft", "Simpo",
-    "build_objective", "check_objective", "model_sequence_logps", "objective_class", "objective_names",
+    "build_objective", "check_objective", "data_problems", "model_sequence_logps", "objective_class", "objective_names",
     "objectives", "sequence_ids_from_positions", "sequence_logps", "token_logps",
 ]

@@ -241,3 +241,18 @@ def test_sequence_ids_from_position_resets() -> None:
                                       ids, n_sequences=7)
     assert scores.tokens.tolist() == [2, 4, 3, 0, 1, 3, 0]
     assert scores.sums[3] == 0 and scores.sums[6] == 0
+
+
+def test_sources_must_give_the_records_the_objective_trains_on() -> None:
+    from impruver import registry
+    from impruver.data.preference import produces_of
+    from impruver.objectives import data_problems
+
+    produces = {name: produces_of(registry.lookup("formats", fmt))
+                for name, fmt in (("pairs", "sharegpt_preference"), ("chats", "saiga"), ("kto", "trl_kto"))}
+    assert [p.key for p in data_problems("dpo", produces)] == ["dataset.sources.chats.format",
+                                                               "dataset.sources.kto.format"]
+    assert [p.key for p in data_problems("kto", produces)] == ["dataset.sources.chats.format"]  # pairs unpair
+    assert [p.key for p in data_problems("sft", produces)] == ["dataset.sources.pairs.format",
+                                                               "dataset.sources.kto.format"]
+    assert "trains on pair records" in data_problems("orpo", {"chats": "conversation"})[0].message
