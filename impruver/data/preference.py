@@ -299,11 +299,71 @@ def _with_system(system: list[Message], prompt: list[Message]) -> list[Message]:
     return prompt
 
 
+# ---- tokenizing: the same Renderer, masks and length policy as SFT, applied to the pair as a whole ----
+
+def encode_pair(encoder: Any, pair: PairRecord, options: Any) -> dict[str, Any] | RecordError:
+    """A pair as training samples: ``{"chosen": {input_ids, labels}, "rejected": {...}, "prompt_tokens": n}``.
+
+    Both conversations (prompt + answer) go through the SFT :class:`~impruver.data.render.Encoder` (same template,
+    masks and special tokens), so only the answers are trained. Lengths are limited per pair: when either side is
+    longer than ``options.max_tokens``, the pair is dropped (``length_policy: drop``) or the prompt's first
+    exchange is removed from *both* sides until it fits (``truncate``). The two sides must start with the same
+    prompt tokens (everything before the first trained token); a tokenizer that merges the prompt's end with the
+    answers' beginnings differently fails the record with ``prompt_tokens_differ``.
+    """
+    from dataclasses import replace
+
+    prompt = pair["prompt"]
+    while True:
+        sides = [{"messages": [*prompt, *pair[side]], "tools": pair.get("tools")} for side in ("chosen", "rejected")]
+        results = encoder.encode(sides, replace(options, length_policy="drop"))
+        too_long = [r for r in results if isinstance(r, RecordError) and r.reason == "too_long"]
+        if not too_long or options.length_policy != "truncate":
+            break
+        prompt = _without_first_exchange(prompt)
+        if prompt is None:
+            return RecordError("too_long", f"{too_long[0].detail} even with only the last exchange")
+    for result in results:
+        if isinstance(result, RecordError):
+            return result
+    chosen, rejected = results[0][0], results[1][0]
+    n = _prompt_length(chosen.labels)
+    if n != _prompt_length(rejected.labels) or chosen.input_ids[:n] != rejected.input_ids[:n]:
+        return RecordError("prompt_tokens_differ", "the chosen and rejected samples do not start with the same "
+                                                   "prompt tokens (the tokenizer merges across the prompt's end)")
+    return {"chosen": {"input_ids": chosen.input_ids, "labels": chosen.labels},
+            "rejected": {"input_ids": rejected.input_ids, "labels": rejected.labels}, "prompt_tokens": n}
+
+
+def encode_labelled(encoder: Any, record: PairRecord, options: Any) -> dict[str, Any] | RecordError:
+    """A labelled (KTO) record as ``{"completion": {input_ids, labels}, "label": bool}`` (the SFT encoding)."""
+    conversation = {"messages": [*record["prompt"], *record["completion"]], "tools": record.get("tools")}
+    result = encoder.encode([conversation], options)[0]
+    if isinstance(result, RecordError):
+        return result
+    sample = result[0]
+    return {"completion": {"input_ids": sample.input_ids, "labels": sample.labels}, "label": record["label"]}
+
+
+def _prompt_length(labels: list[int]) -> int:
+    from impruver.record import IGNORE_INDEX
+
+    return next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def _without_first_exchange(prompt: list[Message]) -> list[Message] | None:
+    """The prompt without its first non-system exchange (up to the next user turn); None if only one is left."""
+    first = 1 if prompt and prompt[0]["role"] == "system" else 0
+    users = [i for i in range(first + 1, len(prompt)) if prompt[i]["role"] == "user"]
+    return [*prompt[:first], *prompt[users[0]:]] if users else None
+
+
 def unpair(pair: PairRecord) -> list[PairRecord]:
     """A pair as two labelled records (KTO on paired data, as TRL's ``unpair_preference_dataset``)."""
     return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True, "tools": pair.get("tools")},
             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False, "tools": pair.get("tools")}]
 
 
-__all__ = ["LABELLED", "PAIR", "alpaca_preference", "check_labelled", "check_pair", "openai_preference",
-           "produces_of", "sharegpt_preference", "split_shared_prompt", "trl_kto", "trl_preference", "unpair"]
+__all__ = ["LABELLED", "PAIR", "alpaca_preference", "check_labelled", "check_pair", "encode_labelled",
+           "encode_pair", "openai_preference", "produces_of", "sharegpt_preference", "split_shared_prompt",
+           "trl_kto", "trl_preference", "unpair"]
