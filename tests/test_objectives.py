@@ -195,8 +195,19 @@ def layout(rows: list[list[int]], width: int) -> dict[str, Any]:
             "n_sequences": len(SEQS)}
 
 
-def test_packed_scores_equal_one_sequence_per_row() -> None:
-    model = tiny_llama()
+def tiny_gpt2(seed: int = 0) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    model = GPT2LMHeadModel(config).eval()
+    model.loss_type = "ForCausalLM"  # no loss-lookup warning inside forward
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_packed_scores_equal_one_sequence_per_row(make: Any) -> None:
+    model = make()
     with torch.no_grad():
         packed = model_sequence_logps(model, **layout([[0, 1, 2], [3, 4]], width=20))
         alone = [model_sequence_logps(model, **layout([[s]], width=len(SEQS[s][0]) + len(SEQS[s][1])))

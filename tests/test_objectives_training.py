@@ -11,7 +11,14 @@ import torch
 
 from impruver.objectives import build_objective
 from impruver.record import IGNORE_INDEX
-from impruver.train.preference import PreferenceLoss, collate_labelled, collate_pairs, collate_sequences, score
+from impruver.train.preference import (
+    PreferenceLoss,
+    collate_labelled,
+    collate_pairs,
+    collate_sequences,
+    precompute_reference,
+    score,
+)
 
 VOCAB = 40
 
@@ -64,6 +71,19 @@ def test_precomputed_reference_equals_the_reference_model() -> None:
         stored = {**batch, "ref_sums": score(ref, batch).sums}
         pre, _ = PreferenceLoss(build_objective("ipo", {"reference": "precomputed"}), policy)(stored)
     assert pre.item() == pytest.approx(live.item(), abs=1e-6)
+
+
+def test_reference_log_probs_precomputed_once_and_stored_with_the_pairs() -> None:
+    policy, start = tiny_llama(0), tiny_llama(1)
+    pairs = make_pairs(5)
+    stored = precompute_reference(start, pairs, pad_id=0, seq_len=32, batch_size=2)
+    assert all(len(p["ref_logps"]) == 2 for p in stored)
+    batch = collate_pairs(stored[1:4], pad_id=0, seq_len=32, packed=True)
+    with torch.no_grad():
+        pre, _ = PreferenceLoss(build_objective("dpo", {"reference": "precomputed"}), policy)(batch)
+        live, _ = PreferenceLoss(build_objective("dpo"), policy, reference=start)(
+            collate_pairs(pairs[1:4], pad_id=0, seq_len=32, packed=True))
+    assert pre.item() == pytest.approx(live.item(), abs=1e-5)
 
 
 def test_adapter_reference_is_the_base_model_without_a_copy() -> None:

@@ -26,6 +26,7 @@ from impruver.record import IGNORE_INDEX, INPUT_IDS, LABELS
 from impruver.train.data import pack
 
 Tokenized = dict[str, Any]  # {"input_ids": [...], "labels": [...]}
+REF_LOGPS = "ref_logps"  # a pair's precomputed reference log-probs: [chosen sum, rejected sum]
 
 
 def collate_sequences(sequences: Sequence[Tokenized], *, pad_id: int, seq_len: int | None,
@@ -77,7 +78,25 @@ def collate_pairs(pairs: Sequence[dict[str, Tokenized]], *, pad_id: int, seq_len
     sequences = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     batch = collate_sequences(sequences, pad_id=pad_id, seq_len=seq_len, packed=packed)
     batch["n_pairs"] = len(pairs)
+    if all(REF_LOGPS in p for p in pairs):  # precomputed reference: [chosen..., rejected...] as the sequences
+        batch["ref_sums"] = torch.tensor([p[REF_LOGPS][0] for p in pairs] + [p[REF_LOGPS][1] for p in pairs])
     return batch
+
+
+def precompute_reference(model: Any, pairs: Sequence[dict[str, Any]], *, pad_id: int, seq_len: int,
+                         batch_size: int = 16) -> list[dict[str, Any]]:
+    """The pairs with their reference log-probs (``ref_logps``: [chosen sum, rejected sum]) computed once by
+    ``model`` (the starting weights), so full-parameter training holds no reference copy. Stored beside the
+    composed data, they travel with each pair into :func:`collate_pairs`."""
+    out = []
+    model.eval()
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        with torch.no_grad():
+            sums = score(model, collate_pairs(chunk, pad_id=pad_id, seq_len=seq_len, packed=True)).sums.tolist()
+        n = len(chunk)
+        out += [{**p, REF_LOGPS: [sums[i], sums[n + i]]} for i, p in enumerate(chunk)]
+    return out
 
 
 def _split(answer: Tokenized) -> tuple[list[int], list[int], list[int]]:
@@ -175,4 +194,5 @@ class PreferenceLoss(torch.nn.Module):
             yield self.model
 
 
-__all__ = ["PreferenceLoss", "collate_labelled", "collate_pairs", "collate_sequences", "score"]
+__all__ = ["REF_LOGPS", "PreferenceLoss", "collate_labelled", "collate_pairs", "collate_sequences",
+           "precompute_reference", "score"]
