@@ -9,6 +9,7 @@ instead of matching names::
     objective.preference          # preference data at all?                             (sft: no)
     objective.accepts             # the records it trains on, as formats produce them ("pair", "labelled", ...)
     objective.memory(n_params=..., adapter=..., compute_bytes=...) -> ObjectiveMemory
+    objective.check(adapter=...) -> list[Problem]             # rules that need more than its own options
     objective.loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                    chosen_tokens=..., rejected_tokens=...) -> (loss, metrics)
 
@@ -131,9 +132,24 @@ class Objective(Protocol):
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory: ...
 
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]: ...
+
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None,
              ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *,
              chosen_tokens: Tensor, rejected_tokens: Tensor | None, **extra: Any) -> tuple[Tensor, Metrics]: ...
+
+
+def _check_reference(objective: Any, *, adapter: bool, key: str) -> list[Problem]:
+    """Reference settings that cannot work: precomputed reference log-probs for KTO (its reference point pairs
+    each prompt with another sample's answer, which depends on the batch). ``adapter`` is part of the protocol
+    (a plugin's rule may depend on the method); no built-in rule needs it yet."""
+    options = objective.options
+    if not isinstance(options, ReferenceOptions):
+        return []
+    if not objective.pairs and options.reference == "precomputed":
+        return [Problem(f"{key}.reference", f"'{objective.name}' computes its reference log-probs during training "
+                                            "(its KL pairs depend on the batch); use reference: model")]
+    return []
 
 
 def _reference_bytes(options: ReferenceOptions, *, n_params: int, adapter: bool, compute_bytes: float) -> float:
@@ -211,6 +227,9 @@ class Sft:
     preference: ClassVar[bool] = False
     accepts: ClassVar[frozenset[str]] = frozenset({"conversation"})
 
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
+
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=1)
 
@@ -235,6 +254,9 @@ class Dpo:
     pairs: ClassVar[bool] = True
     preference: ClassVar[bool] = True
     accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
+
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
@@ -267,6 +289,9 @@ class Ipo:
     preference: ClassVar[bool] = True
     accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
 
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
+
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
         return ObjectiveMemory(reference_bytes=ref, sequences_per_sample=2)
@@ -297,6 +322,9 @@ class Orpo:
     pairs: ClassVar[bool] = True
     preference: ClassVar[bool] = True
     accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
+
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=2)
@@ -333,6 +361,9 @@ class Simpo:
     preference: ClassVar[bool] = True
     accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
 
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
+
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=2)
 
@@ -368,6 +399,9 @@ class Kto:
     pairs: ClassVar[bool] = False
     preference: ClassVar[bool] = True
     accepts: ClassVar[frozenset[str]] = frozenset({"labelled", "pair"})
+
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
 
     def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
         ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
@@ -422,17 +456,19 @@ def objective_class(name: str) -> type:
         raise RegistryError(f"no objective named '{name}': {choices_hint(name, objective_names())}") from None
 
 
-def check_objective(name: str, options: dict[str, Any] | None = None, key: str = "objective") -> list[Problem]:
-    """Every problem with an objective section (unknown name, unknown or invalid options), without building."""
+def check_objective(name: str, options: dict[str, Any] | None = None, key: str = "objective", *,
+                    adapter: bool = False) -> list[Problem]:
+    """Every problem with an objective section (unknown name, unknown or invalid options, the objective's own
+    checks given whether the method trains an adapter), without building anything heavy."""
     try:
         cls = objective_class(name)
     except RegistryError as exc:
         return [Problem(key, str(exc))]
     try:
-        cls.Options.model_validate(dict(options or {}))
+        validated = cls.Options.model_validate(dict(options or {}))
     except ValidationError as exc:
         return [_problem(err, cls, key) for err in exc.errors()]
-    return []
+    return cls(options=validated).check(adapter=adapter, key=key)
 
 
 def data_problems(name: str, produces: dict[str, str], key: str = "dataset.sources") -> list[Problem]:
@@ -546,6 +582,6 @@ def _gather(per_token: Tensor, index: Tensor, n_sequences: int) -> SequenceLogps
 
 __all__ = [
     "Dpo", "Ipo", "Kto", "Metrics", "Objective", "ObjectiveMemory", "Orpo", "SequenceLogps", "Sft", "Simpo",
-    "build_objective", "check_objective", "data_problems", "model_sequence_logps", "objective_class", "objective_names",
-    "objectives", "sequence_ids_from_positions", "sequence_logps", "token_logps",
+    "build_objective", "check_objective", "data_problems", "model_sequence_logps", "objective_class",
+    "objective_names", "objectives", "sequence_ids_from_positions", "sequence_logps", "token_logps",
 ]

@@ -48,6 +48,14 @@ def test_options_are_validated_and_every_problem_reported() -> None:
     assert "did you mean 'dpo'" in check_objective("dpoo")[0].message
 
 
+def test_objectives_check_what_their_options_alone_cannot() -> None:
+    problems = check_objective("kto", {"reference": "precomputed"}, adapter=True)
+    assert [p.key for p in problems] == ["objective.reference"]
+    assert check_objective("dpo", {"reference": "precomputed"}) == []
+    with pytest.raises(ConfigError):
+        build_objective("kto", {"reference": "precomputed"})
+
+
 def test_defaults_and_the_orpo_lambda_spelling() -> None:
     assert build_objective("dpo").options.beta == 0.1
     assert build_objective("simpo").options.gamma == 1.0
