@@ -39,13 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from impruver.errors import ConfigError, Problem, RegistryError, choices_hint
 from impruver.record import IGNORE_INDEX
+from impruver.registry import objectives
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-# TODO(wiring): move into impruver/registry/__init__.py (KINDS + _REGISTRIES) so `lookup("objectives", ...)`,
-# `impruver ls objectives` and plugins' `impruver_objectives` entry points work like every other kind.
-objectives = catalogue.create("impruver", "objectives", entry_points=True)
 
 Metrics = dict[str, "Tensor"]
 

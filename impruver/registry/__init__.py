@@ -32,6 +32,7 @@ KINDS = (
     "schedulers",  # optimizer -> LR schedule
     "families",  # model families: linear modules, LoRA targets, config from `arch`, parameter shapes
     "strategies",  # distribution strategies: launch arguments, what is sharded, how state is saved
+    "objectives",  # training objectives: sft, dpo, ipo, orpo, simpo, kto (the loss, what it needs and costs)
 )
 
 formats = catalogue.create("impruver", "formats", entry_points=True)
@@ -43,6 +44,7 @@ optimizers = catalogue.create("impruver", "optimizers", entry_points=True)
 schedulers = catalogue.create("impruver", "schedulers", entry_points=True)
 families = catalogue.create("impruver", "families", entry_points=True)
 strategies = catalogue.create("impruver", "strategies", entry_points=True)
+objectives = catalogue.create("impruver", "objectives", entry_points=True)
 
 _REGISTRIES: dict[str, catalogue.Registry] = {
     "formats": formats,
@@ -54,6 +56,7 @@ _REGISTRIES: dict[str, catalogue.Registry] = {
     "schedulers": schedulers,
     "families": families,
     "strategies": strategies,
+    "objectives": objectives,
 }
 
 PLUGIN_GROUP = "impruver_plugins"
