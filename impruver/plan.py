@@ -181,7 +181,7 @@ class HardwareSpec(Spec):
     device: Literal["cpu", "cuda"] = "cpu"
     gpu_memory_gib: float | None = Field(default=None, gt=0)  # per device, for the memory plan
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    distributed: Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"] = "none"
+    distributed: str = "none"  # registry 'strategies'
     num_processes: int = Field(default=1, ge=1)  # per machine
     num_machines: int = Field(default=1, ge=1)
     machine_rank: int = Field(default=0, ge=0)
