@@ -151,7 +151,14 @@ class ShardedStrategy(DataParallel):
         state = accelerator.get_state_dict(model)
         if state is None:
             return None
-        return {key.removeprefix("model."): value for key, value in state.items()}  # TokenLoss.model.<name>
+        # Tied weights (GPT-2's lm_head is its token embedding) come back as two gathered copies; keep the first
+        # name of each parameter, as the model's own save does for tensors that share storage.
+        names: dict[int, list[str]] = {}
+        for name, param in inner_model(accelerator, model).named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        tied = {name for group in names.values() for name in group[1:]}
+        inner = {key.removeprefix("model."): value for key, value in state.items()}  # TokenLoss.model.<name>
+        return {key: value for key, value in inner.items() if key not in tied}
 
 
 # FSDP2 settings that `hardware.options` may give (accelerate launch flags `--fsdp_<name>`), and how each maps onto
@@ -181,9 +188,13 @@ class FullyShardedStrategy(ShardedStrategy):
     the loss module (``TokenLoss._no_split_modules``).
     """
 
+    # Every setting is given, so that nothing comes from the launcher's environment: `accelerate launch
+    # --use_fsdp` exports FSDP_CPU_RAM_EFFICIENT_LOADING=true, which (read by the plugin when unset) moves the
+    # model to the meta device and reloads it from rank 0, untying tied embeddings on the way.
     defaults: dict[str, Any] = field(default_factory=lambda: {
         "fsdp_version": 2, "fsdp_reshard_after_forward": True, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_state_dict_type": "SHARDED_STATE_DICT"})
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT", "fsdp_activation_checkpointing": False,
+        "fsdp_offload_params": False, "fsdp_cpu_ram_efficient_loading": False})
 
     def options(self, plan: Plan) -> dict[str, Any]:
         return {**self.defaults, **plan.hardware.options}

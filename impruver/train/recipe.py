@@ -392,7 +392,9 @@ class SFTRecipe:
             self.writer.write({"event": "end", **{k: v for k, v in summary.items() if k != "output_dir"}})
             plot_loss(plan.output_dir)
             write_card(plan, summary)
-            record = {**summary, "strategy": self.strategy.describe(plan)}
+            # What ran, as accelerate saw it: a strategy that asked for sharding and got none would show here.
+            strategy = {**self.strategy.describe(plan), "distributed_type": str(acc.distributed_type.value)}
+            record = {**summary, "strategy": strategy}
             atomic_write_text(self.layout.run_record, json.dumps(record, indent=1))
             log.info("saved %s to %s", "the adapter" if self.method.adapter else "the model", plan.output_dir)
         self.writer.close()
