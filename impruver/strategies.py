@@ -95,6 +95,10 @@ class DataParallel:
         """Place (and wrap) the loss module and its optimizer; they are prepared together (FSDP2 needs both)."""
         return tuple(accelerator.prepare(model, optimizer))  # type: ignore[return-value]
 
+    def loss_scale(self, plan: Plan) -> float:
+        """A factor on each micro-batch's loss before the backward pass: 1 unless the engine rescales it."""
+        return 1.0
+
     def describe(self, plan: Plan) -> dict[str, Any]:
         """What this strategy did, for run.json."""
         return {"name": self.name, "shards": sorted(self.shards), "launch_args": self.launch_args(plan),
@@ -297,6 +301,11 @@ class DeepSpeedStrategy(ShardedStrategy):
 
     def accelerator_kwargs(self, plan: Plan) -> dict[str, Any]:
         return {"deepspeed_plugin": self.plugin(plan)}
+
+    def loss_scale(self, plan: Plan) -> float:
+        # DeepSpeed's engine divides every micro-batch's loss by gradient_accumulation_steps; the recipe's loss is
+        # already the step's token-weighted mean, so that division is undone.
+        return float(plan.train.grad_accum)
 
     def describe(self, plan: Plan) -> dict[str, Any]:
         return {"name": self.name, "shards": sorted(self.shards), "launch_args": self.launch_args(plan),

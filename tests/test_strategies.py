@@ -100,3 +100,9 @@ def test_the_loss_module_shows_fsdp_the_model_blocks_and_ties_its_weights() -> N
     model.lm_head.weight = type(model.lm_head.weight)(model.lm_head.weight.detach().clone())  # untied, as a move
     wrapped.tie_weights()
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_only_deepspeed_rescales_the_loss_its_engine_divides() -> None:
+    for name, scale in (("ddp", 1.0), ("fsdp", 1.0), ("deepspeed_zero2", 4.0)):
+        plan = plan_of(f"hardware={name}", "train.grad_accum=4", *BIG)
+        assert strategy_of(plan).loss_scale(plan) == scale

@@ -202,11 +202,11 @@ class SFTRecipe:
 
         module = self.loss_module(self.model)
         optimizer = self.build_optimizer(module)
-        self.loss_model, self.optimizer = self.strategy.prepare(self.accelerator, module, optimizer)
+        # On the torch optimizer itself: accelerate's wrappers (and DeepSpeed's ZeRO optimizer) keep its groups.
         self.scheduler = registry.lookup("schedulers", self.spec.scheduler)(
-            optimizer=self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer,
-            num_training_steps=self.total_steps, warmup_steps=self.spec.warmup_steps,
+            optimizer=optimizer, num_training_steps=self.total_steps, warmup_steps=self.spec.warmup_steps,
             min_lr_ratio=self.spec.min_lr_ratio)
+        self.loss_model, self.optimizer = self.strategy.prepare(self.accelerator, module, optimizer)
         self.model = self.accelerator.unwrap_model(self.loss_model).model  # the model itself, for saving
         compile_model = self.spec.compile if self.spec.compile != "auto" else self.accelerator.device.type == "cuda"
         self.forward_model = torch.compile(self.loss_model) if compile_model else self.loss_model
@@ -279,15 +279,16 @@ class SFTRecipe:
                 parts = [self.micro_batch(state.step * accum + k) for k in range(accum)]
                 # Every rank divides by the global number of target tokens of this step (DDP averages
                 # gradients, hence the factor `world`): the step's loss is the token-weighted mean over all
-                # its micro-batches.
+                # its micro-batches. `scale` undoes what a strategy's engine divides by itself (DeepSpeed: accum).
                 n_targets, n_tokens = global_counts(acc, sum(p["n_targets"] for p in parts),
                                                     sum(p["n_tokens"] for p in parts))
+                scale = world * self.strategy.loss_scale(self.plan) / max(n_targets, 1)
                 step_loss = torch.zeros((), device=acc.device)
                 for k, part in enumerate(parts):
                     sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.loss_model)
                     with sync:
                         loss_sum = self.step_loss(part)
-                        acc.backward(loss_sum * world / max(n_targets, 1))
+                        acc.backward(loss_sum * scale)
                     step_loss += loss_sum.detach()
                 grad_norm = None
                 if spec.max_grad_norm:
