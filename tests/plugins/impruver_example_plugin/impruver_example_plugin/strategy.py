@@ -25,10 +25,10 @@ class StaticGraphDDP(DataParallel):
         model, optimizer = super().prepare(accelerator, model, optimizer)
         from torch.nn.parallel import DistributedDataParallel
 
-        if isinstance(model, DistributedDataParallel):  # one process: nothing is wrapped, nothing to check
-            if not model.static_graph or model.bucket_bytes_cap != BUCKET_MB * 1024 * 1024:
-                raise RunError(f"{self.name}: DDP was built without this strategy's settings "
-                               f"(static_graph={model.static_graph}, bucket_bytes_cap={model.bucket_bytes_cap})")
+        wrapped = isinstance(model, DistributedDataParallel)  # one process: nothing is wrapped, nothing to check
+        if wrapped and (not model.static_graph or model.bucket_bytes_cap != BUCKET_MB * 1024 * 1024):
+            raise RunError(f"{self.name}: DDP was built without this strategy's settings "
+                           f"(static_graph={model.static_graph}, bucket_bytes_cap={model.bucket_bytes_cap})")
         return model, optimizer
 
 
