@@ -471,7 +471,7 @@ def _check_registry_names(sections: dict[str, Any]) -> list[Problem]:
     checks = []
     for section, field_name, kind in (("model", "builder", "models"), ("tokenizer", "builder", "tokenizers"),
                                       ("method", "builder", "methods"), ("train", "optimizer", "optimizers"),
-                                      ("train", "scheduler", "schedulers")):
+                                      ("train", "scheduler", "schedulers"), ("hardware", "distributed", "strategies")):
         if section in sections and getattr(sections[section], field_name) != "auto":
             checks.append((f"{section}.{field_name}", kind, getattr(sections[section], field_name)))
     if "dataset" in sections:
