@@ -13,11 +13,12 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 from impruver.errors import RunError
+from impruver.layout import RunLayout
 from impruver.plan import Plan
+from impruver.strategies import strategy_of
 
 LAUNCHER_ENV = ("LOCAL_RANK", "ACCELERATE_PROCESS_INDEX")  # set in every process a launcher starts
 
@@ -32,8 +33,14 @@ def under_launcher() -> bool:
 
 
 def needs_launch(plan: Plan) -> bool:
-    """Start workers through accelerate (rather than train in this process)."""
-    return total_processes(plan) > 1 and not under_launcher()
+    """Start workers through accelerate (rather than train in this process).
+
+    Several processes always are; one process is when its strategy shards (FSDP, DeepSpeed work through a process
+    group's collectives, which only a launcher sets up).
+    """
+    if under_launcher():
+        return False
+    return total_processes(plan) > 1 or strategy_of(plan).needs_launcher
 
 
 def launch_command(plan: Plan, plan_path: str | os.PathLike[str]) -> list[str]:
@@ -49,18 +56,7 @@ def launch_command(plan: Plan, plan_path: str | os.PathLike[str]) -> list[str]:
                 "--main_process_port", str(hw.main_process_port)]
     else:
         cmd += ["--main_process_port", str(hw.main_process_port)]
-    if hw.distributed == "fsdp":
-        opts = {"fsdp_sharding_strategy": "FULL_SHARD", "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                "fsdp_activation_checkpointing": True, **hw.options}
-        cmd += ["--use_fsdp"]
-        for key, value in opts.items():
-            cmd += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
-    elif hw.distributed.startswith("deepspeed"):
-        cmd += ["--use_deepspeed", "--zero_stage", hw.distributed[-1]]
-    else:
-        # --multi_gpu is accelerate's switch for multi-process data parallel, on CPUs (gloo) as well:
-        # `--cpu --num_processes 2` silently starts a single process in accelerate 1.15.
-        cmd += ["--multi_gpu"]
+    cmd += strategy_of(plan).launch_args(plan)  # --multi_gpu, --use_fsdp ..., --use_deepspeed ...
     return [*cmd, "-m", "impruver.worker", str(plan_path)]
 
 
@@ -74,18 +70,20 @@ def launch_env(plan: Plan) -> dict[str, str]:
 
 def describe(plan: Plan) -> dict[str, Any]:
     """The launch as `impruver plan` shows it."""
-    plan_path = Path(plan.output_dir, "plan.yaml")
+    strategy = strategy_of(plan)
     return {
         "processes": total_processes(plan),
         "machines": plan.hardware.num_machines,
-        "sharding": plan.hardware.distributed,
-        "command": shlex.join(launch_command(plan, plan_path)) if total_processes(plan) > 1 else None,
+        "sharding": strategy.name,
+        "shards": sorted(strategy.shards),
+        "command": shlex.join(launch_command(plan, RunLayout.of(plan.output_dir).plan))
+        if total_processes(plan) > 1 or strategy.needs_launcher else None,
     }
 
 
 def spawn(plan: Plan) -> dict[str, Any]:
     """Run the plan's workers through accelerate and wait for them; the plan must already be written."""
-    plan_path = Path(plan.output_dir, "plan.yaml")
+    plan_path = RunLayout.of(plan.output_dir).plan
     if not plan_path.is_file():
         raise RunError(f"no frozen plan at {plan_path}: the main process writes it before launching workers")
     cmd = launch_command(plan, plan_path)

@@ -1,8 +1,13 @@
-"""Output for people: rich tables and progress bars in a terminal, plain log lines otherwise."""
+"""Output for people: rich tables and progress bars in a terminal, plain log lines otherwise.
+
+In a run of several processes only the main one (rank 0) logs and shows progress: the other ranks' warnings and
+errors still show, prefixed with their rank (``[rank 1]``), and their info lines are dropped.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from rich.console import Console
@@ -14,9 +19,40 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 log = logging.getLogger("impruver")
 
 
+# Set by every launcher in each process it starts (torchrun / accelerate: RANK; MPI-style: the others).
+RANK_ENV = ("RANK", "ACCELERATE_PROCESS_INDEX", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def process_rank() -> int:
+    """This process's global rank in a launched group (0 outside one). Read from the environment: no torch."""
+    for name in RANK_ENV:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def is_main_process() -> bool:
+    return process_rank() == 0
+
+
+class RankFilter(logging.Filter):
+    """On rank 0 everything passes; on other ranks only warnings and errors, prefixed with the rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = process_rank()
+        if rank == 0:
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        if not str(record.msg).startswith("[rank "):
+            record.msg = f"[rank {rank}] {record.msg}"
+        return True
+
+
 def interactive() -> bool:
-    """Whether progress bars make sense: stdout is a terminal."""
-    return console.is_terminal
+    """Whether progress bars make sense: stdout is a terminal (and this is the main process)."""
+    return console.is_terminal and is_main_process()
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -30,6 +66,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(RankFilter())
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
@@ -43,9 +80,14 @@ def progress() -> Progress:
     )
 
 
+def _rank_prefix() -> str:
+    rank = process_rank()
+    return f"[rank {rank}] " if rank else ""
+
+
 def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {_rank_prefix()}{message}", markup=True, highlight=False)
 
 
 def print_warning(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+    err_console.print(f"[yellow]warning:[/] {_rank_prefix()}{message}", markup=True, highlight=False)

@@ -35,11 +35,16 @@ def test_launch_commands_per_profile() -> None:
     assert ddp[ddp.index("--num_processes") + 1] == "4" and "--multi_gpu" in ddp
     fsdp = launch.launch_command(plan_of("hardware=fsdp", "model=rugpt3large", "method=full", "dataset=saiga2"),
                                  "p.yaml")
-    assert "--use_fsdp" in fsdp and fsdp[fsdp.index("--fsdp_sharding_strategy") + 1] == "FULL_SHARD"
+    assert "--use_fsdp" in fsdp and fsdp[fsdp.index("--fsdp_version") + 1] == "2"
+    assert fsdp[fsdp.index("--fsdp_reshard_after_forward") + 1] == "true"
     assert fsdp[fsdp.index("--fsdp_activation_checkpointing") + 1] == "true"
+    assert fsdp[fsdp.index("--fsdp_state_dict_type") + 1] == "SHARDED_STATE_DICT"
     zero3 = launch.launch_command(plan_of("hardware=deepspeed_zero3", "model=rugpt3large", "method=full",
                                           "dataset=saiga2"), "p.yaml")
     assert zero3[zero3.index("--zero_stage") + 1] == "3"
+    one_fsdp = plan_of("hardware=fsdp", "hardware.num_processes=1", "model=rugpt3large", "method=full",
+                       "dataset=saiga2")
+    assert launch.needs_launch(one_fsdp), "sharding needs a process group even for one GPU"
     cpu = plan_of("hardware=cpu_ddp")
     assert launch.needs_launch(cpu) and "--multi_gpu" in launch.launch_command(cpu, "p.yaml")
     assert launch.launch_env(cpu)["ACCELERATE_USE_CPU"] == "true"

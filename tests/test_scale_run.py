@@ -1,4 +1,4 @@
-"""Distributed runs on the CPU (gloo): two ranks through accelerate (sweeps: tests/test_sweep.py).
+"""Distributed runs on the CPU (gloo): two ranks through accelerate, DDP and FSDP2 (sweeps: tests/test_sweep.py).
 
 These start real processes (`impruver` and `accelerate launch`), so they are the slowest tests of the suite.
 """
@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,73 @@ def test_accelerate_launch_form(tmp_path: Path, shared_data: list[str]) -> None:
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     assert len(list(out.rglob("plan.yaml"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["launched"], "no stray run folders"
+
+
+def final_weights(output_dir: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return load_file(output_dir / "model.safetensors")
+
+
+def kill_run(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the run and every process it started, as an out-of-memory killer or a lost machine would.
+
+    torch's launcher starts each worker in a session of its own, so a process-group kill misses them: the
+    whole process tree is collected first, then killed.
+    """
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
+def test_fsdp_two_ranks_resume_after_a_kill_to_the_same_weights(tmp_path: Path, shared_data: list[str]) -> None:
+    """FSDP2 on two CPU processes: sharded state saved, the run killed, resumed == uninterrupted == one process."""
+    import torch
+
+    steps = ["train.max_steps=24", "train.save_steps=8", "train.load_best_at_end=false", "train.logging_steps=4"]
+    fsdp = [*TINY, *shared_data, *steps, "hardware=cpu_ddp", "hardware.distributed=fsdp", "train.batch_size=2"]
+    full = tmp_path / "full"
+    run([str(IMPRUVER), *fsdp, f"output_dir={full}"], cwd=tmp_path)
+    record = json.loads((full / "run.json").read_text())
+    assert record["world_size"] == 2 and record["strategy"]["distributed_type"] == "FSDP"
+    assert record["strategy"]["shards"] == ["grads", "optimizer", "params"]
+
+    part = tmp_path / "part"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.Popen([str(IMPRUVER), *fsdp, f"output_dir={part}"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = part / "checkpoints" / "step-00000008"
+    deadline = time.monotonic() + 300
+    while not (checkpoint / "state.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kill_run(proc)
+    assert (checkpoint / "state.json").is_file(), "the run ended before its first checkpoint"
+    assert not (part / "run.json").exists(), "the kill came after the run had finished"
+    # Each rank wrote its own shard of the weights and of the optimizer state (torch.distributed.checkpoint).
+    assert sorted(p.name for p in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    assert len(list((checkpoint / "optimizer_0").glob("*.distcp"))) == 2
+
+    run([str(IMPRUVER), *fsdp, "train.resume=auto", f"output_dir={part}"], cwd=tmp_path)
+    starts = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()
+              if '"event": "start"' in line]
+    assert starts[-1]["step"] >= 8, "the second run resumed rather than starting over"
+    a, b = final_weights(full), final_weights(part)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+
+    single = tmp_path / "single"  # the same global batch (2 ranks x 2 rows) in one process, nothing sharded
+    run([str(IMPRUVER), *TINY, *shared_data, *steps, "train.batch_size=4", f"output_dir={single}"], cwd=tmp_path)
+    c = final_weights(single)
+    assert a.keys() == c.keys(), "the gathered weights save like the model's own (tied weights once)"
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=1e-4, atol=1e-4)

@@ -60,7 +60,7 @@ def test_preset_plans_with_a_memory_estimate(preset: str) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_tiny_random_weight_override_trains_two_steps_on_cpu(preset: str, tmp_path: Path, tok_dir: Path) -> None:
-    from impruver.train.recipe import run
+    from impruver.jobs import train_job as run  # composes the data, freezes the plan, trains
 
     plan = plan_of(tiny_overrides(preset, tmp_path / "out", tok_dir))
     assert plan.model.weights == "random" and plan.hardware.device == "cpu"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_train_support import LLAMA_ARCH, prepare, tiny_plan, use_files  # noqa: F401  (fixture)
 
-from impruver.train.recipe import run
+from impruver.jobs import train_job as run  # compose if needed (here: the test's files), freeze the plan, train
+from impruver.train.recipe import SFTRecipe
 
 
 def _train_losses(out: Path) -> list[float]:
@@ -48,34 +49,39 @@ def test_full_llama_loss_falls_with_accumulation_and_checkpointing(tmp_path: Pat
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path: Path, use_files, monkeypatch) -> None:
+class _StopsAtStep(SFTRecipe):
+    """The recipe with one seam replaced: Ctrl+C during the micro-batch of optimizer step ``stop_at``."""
+
+    stop_at = 13
+
+    def step_loss(self, batch):
+        if self.state.step + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        return super().step_loss(batch)
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path: Path, use_files) -> None:
     """A run stopped after its step-10 checkpoint and resumed with resume=auto equals an uninterrupted run."""
     from safetensors.torch import load_file
+
+    from impruver.jobs import prepare as freeze
 
     train = {"max_steps": 20, "save_steps": 10, "eval_steps": 10, "load_best_at_end": False}
     full = prepare(tmp_path / "full")
     run(tiny_plan(full, train=train))
     part = prepare(tmp_path / "part")
-    import impruver.train.recipe as recipe
-
-    real, calls = recipe.token_loss_sum, []
-
-    def interrupted(*args, **kwargs):  # Ctrl+C during step 13 (each step: 1 micro-batch; evals add calls)
-        if len([c for c in calls if c]) == 12 and args[0].training:
-            raise KeyboardInterrupt
-        calls.append(args[0].training)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(recipe, "token_loss_sum", interrupted)
+    plan = tiny_plan(part, train=train)
+    freeze(plan)
+    recipe = _StopsAtStep(plan)
+    recipe.setup()
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_plan(part, train=train))
-    monkeypatch.setattr(recipe, "token_loss_sum", real)
-    assert (part / "checkpoints" / "step-00000010").is_dir()
+        recipe.train()
+    assert recipe.state.step == 12 and (part / "checkpoints" / "step-00000010").is_dir()
     run(tiny_plan(part, train={**train, "resume": "auto"}))
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # bitwise: the same steps on the same state
     steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["event"] == "train"]
     assert steps == sorted(set(steps)), "no step is logged twice after the resume"

@@ -1,13 +1,15 @@
-"""Checkpoints for resuming: trainable weights, optimizer, schedule, RNG and the loop's position.
+"""Checkpoints for resuming: weights, optimizer, schedule, RNG and the loop's position.
 
-A checkpoint is ``<output_dir>/checkpoints/step-00000100/`` holding
+A checkpoint is ``<output_dir>/checkpoints/step-00000100/`` (see :class:`impruver.layout.RunLayout`) holding
 
-* ``trainable.safetensors``: every parameter that trains (the whole model, or only the adapters);
-* ``optimizer.pt`` / ``scheduler.pt`` / ``rng.pt``: torch state dicts (tensors and numbers only, read back with
-  ``weights_only=True``);
+* the weights and optimizer state, as the distribution strategy saves them: ``trainable.safetensors`` (every
+  parameter that trains) and ``optimizer.pt`` for a replicated run; accelerate's sharded state
+  (``pytorch_model_fsdp_0/``, ``optimizer_0/``, one shard file per rank) for FSDP / DeepSpeed;
+* ``scheduler.pt``: the learning-rate schedule; ``rng_<rank>.pt``: every rank's random generators (dropout);
 * ``state.json``: the optimizer step, tokens seen, elapsed time, the eval loss at that step.
 
-It is written into a temporary folder and renamed into place, so a crash never leaves half a checkpoint.
+Every rank writes into one temporary folder which the main process renames into place once all have finished
+and ``state.json`` is written, so a crash never leaves half a checkpoint (only folders with a state.json count).
 The data order depends only on (seed, epoch, index), so the step count is all the loop needs to continue.
 """
 
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from impruver.errors import RunError
+from impruver.layout import CHECKPOINT_PREFIX, RunLayout
 
 log = logging.getLogger("impruver")
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
+STATE_FILE = "state.json"
+SCHEDULER_FILE = "scheduler.pt"
 
 
 @dataclass
@@ -60,16 +63,16 @@ def check_signature(saved: dict[str, Any], current: dict[str, Any], folder: Path
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+    return RunLayout.of(output_dir).checkpoint(step)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints (those with a state.json), oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
+    root = RunLayout.of(output_dir).checkpoints
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -80,67 +83,49 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1] if found else None
     folder = Path(resume)
-    if not (folder / "state.json").is_file():
+    if not (folder / STATE_FILE).is_file():
         raise RunError(f"train.resume: {folder} is not a checkpoint (no state.json); use train.resume=auto")
     return folder
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
-    """The parameters that train, by name, detached on the CPU (contiguous, as safetensors wants)."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def save_checkpoint(output_dir: str | Path, *, strategy: Any, accelerator: Any, model: Any, optimizer: Any,
+                    scheduler: Any, state: TrainState) -> Path:
+    """Write the checkpoint of ``state.step``; every rank calls this. Returns its folder.
 
-
-def save_checkpoint(output_dir: str | Path, *, model: Any, optimizer: Any, scheduler: Any,
-                    state: TrainState) -> Path:
-    """Write a checkpoint of ``model`` (the unwrapped module) at ``state.step``; return its folder."""
+    ``model`` and ``optimizer`` are the prepared ones: the strategy decides what of them is written and by whom.
+    """
     import torch
-    from safetensors.torch import save_file
 
     final = checkpoint_dir(output_dir, state.step)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = final.with_name(f".{final.name}.tmp")  # one name for every rank: all write their part into it
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    strategy.save_state(accelerator, tmp, model=model, optimizer=optimizer)
+    torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()  # every shard is on disk before the checkpoint counts
+    if main:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(folder: Path, *, model: Any, optimizer: Any | None = None, scheduler: Any | None = None,
-                    rng: bool = True) -> TrainState:
-    """Restore a checkpoint into ``model`` (and the optimizer, schedule and RNG when given); return its state."""
-    load_trainable(folder, model)
+def load_checkpoint(folder: Path, *, strategy: Any, accelerator: Any, model: Any, optimizer: Any,
+                    scheduler: Any) -> TrainState:
+    """Restore a checkpoint into the prepared model, optimizer, schedule and this rank's RNG; return its state."""
     import torch
 
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    if scheduler is not None:
-        scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    if rng:
-        _set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
-    return TrainState(**json.loads((folder / "state.json").read_text(encoding="utf-8")))
-
-
-def load_trainable(folder: Path, model: Any) -> None:
-    """Copy the saved trainable weights into ``model``; every trainable parameter must be in the file."""
-    import torch
-    from safetensors.torch import load_file
-
-    saved = load_file(str(folder / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
-    unknown = [n for n in saved if n not in params]
-    if missing or unknown:
-        raise RunError(f"train.resume: {folder} does not match this model (missing {missing[:3]}, unexpected "
-                       f"{unknown[:3]}); was it written by another model or method? use train.resume=never")
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value.to(params[name].dtype))
+    strategy.load_state(accelerator, folder, model=model, optimizer=optimizer)
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+    rng = folder / f"rng_{accelerator.process_index}.pt"
+    _set_rng_state(torch.load(rng if rng.is_file() else folder / "rng.pt", weights_only=True))
+    return TrainState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
 
 
 def rotate(output_dir: str | Path, *, keep: int, best_step: int | None) -> None:

@@ -39,6 +39,20 @@ class TokenLoss(torch.nn.Module):
         self.model = model
         self.head_on_targets = targets_only(model)
 
+    @property
+    def _no_split_modules(self) -> Any:
+        """The model's transformer block classes: FSDP's transformer auto-wrap shards each block on its own.
+
+        accelerate looks for them on the module it prepares, which is this wrapper, not the model.
+        """
+        return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self) -> None:
+        """Tie the model's input and output embeddings again (accelerate calls it after moving the module)."""
+        tie = getattr(self.model, "tie_weights", None)
+        if callable(tie):
+            tie()
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}

@@ -1,12 +1,22 @@
 """The training recipe: ``impruver train`` and the main job (``impruver`` with overrides).
 
-One linear recipe, read top to bottom: checks -> accelerator -> data -> seed -> tokenizer -> model -> method ->
-rows -> optimizer / schedule -> loop (accumulate, clip, step, log, evaluate, checkpoint) -> best -> save.
+:class:`SFTRecipe` is a small class with seams, read top to bottom::
 
-The loop runs on ``accelerate.Accelerator``: one process here, DDP / FSDP / DeepSpeed when ``impruver.launch``
-starts several workers on the frozen plan. Only the main process writes files. The loss of an optimizer step is
-token-weighted over every micro-batch of every rank: sum of per-token cross-entropy / number of target tokens,
-so gradient accumulation and packing change nothing but speed.
+    recipe = SFTRecipe(plan)
+    recipe.setup()      # checks -> accelerator -> seed, tokenizer, model, method -> rows -> optimizer -> resume
+    recipe.train()      # the loop: accumulate, clip, step; log, evaluate() and save_checkpoint() by step count
+    recipe.finish()     # final evaluation, the best checkpoint's weights, save, card; returns the summary
+
+Later objectives and tests replace a part (``build_model``, ``loss_module``, ``step_loss``, ``evaluate``,
+``save_checkpoint``, ...) in a subclass instead of patching module functions. The recipe composes no data and
+writes no plan: :mod:`impruver.jobs` does that before it runs (on the main process, before any worker starts).
+
+The loop runs on ``accelerate.Accelerator`` built by the plan's distribution strategy (:mod:`impruver.strategies`):
+one process here, DDP / FSDP / DeepSpeed when ``impruver.launch`` starts several workers on the frozen plan. The
+strategy also decides how the state is checkpointed and how the full weights are gathered at the end. Only the
+main process writes files other than checkpoint shards. The loss of an optimizer step is token-weighted over every
+micro-batch of every rank: sum of per-token cross-entropy / number of target tokens, so gradient accumulation and
+packing change nothing but speed.
 """
 
 from __future__ import annotations
@@ -19,9 +29,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from impruver import registry
 from impruver.errors import RunError
 from impruver.files import atomic_write_text
+from impruver.layout import RunLayout
 from impruver.plan import environment_problems
 
 if TYPE_CHECKING:
@@ -31,13 +41,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("impruver")
 
 
-def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
-    """Train what ``plan`` describes and leave the model, tokenizer, plan, metrics and card in its output_dir.
+def run(plan: Plan, *, worker: bool = False, **_flags: Any) -> dict[str, Any]:
+    """Train what ``plan`` describes and leave the model, tokenizer, metrics and card in its output_dir.
+
+    The data must be composed and the plan frozen already (:func:`impruver.jobs.train_job` does both).
 
     Args:
         plan: the validated plan.
-        worker: this process is one rank started by ``impruver.launch`` on a plan (and data) already written.
-        **options: command-line flags of the stage (``--force`` recomposes the data).
+        worker: this process is one rank of a launched group (kept for callers; the recipe reads the
+            process group from accelerate either way).
+        **_flags: stage flags already handled by the job graph (``force``).
 
     Returns:
         A summary: output_dir, steps, train_loss, eval_loss, best_step, tokens, world_size, elapsed_s.
@@ -45,257 +58,350 @@ def run(plan: Plan, *, worker: bool = False, **options: Any) -> dict[str, Any]:
     Raises:
         RunError: the machine cannot run the plan, or the memory plan says it will not fit.
     """
-    # 1. Checks that need nothing loaded: missing packages, no GPU, a memory estimate over the budget.
-    problems = [str(p) for p in environment_problems(plan)]
-    memory = memory_problem(plan)
-    if memory:
-        problems.append(memory)
-    if problems:
-        raise RunError("this machine cannot run the plan:\n" + "\n".join(f"  - {p}" for p in problems))
-    from impruver.train.metrics import check_reporters
+    recipe = SFTRecipe(plan)
+    recipe.setup()
+    recipe.train()
+    return recipe.finish()
 
-    check_reporters(list(plan.train.report_to))
 
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+class SFTRecipe:
+    """Supervised fine-tuning (and training from scratch) of a causal LM on composed token rows.
 
-    from impruver.train import checkpoint as ckpt
-    from impruver.train.data import Batches, make_rows, read_samples
-    from impruver.train.loss import TokenLoss
-    from impruver.components import method_of
-    from impruver.train.metrics import MetricsWriter, format_line, plot_loss
-    from impruver.train.optim import param_groups
-    from impruver.train.outputs import base_needs_saving, save_base, save_model, write_card
+    Attributes after :meth:`setup` (for subclasses): ``accelerator``, ``strategy``, ``method``, ``tokenizer``,
+    ``model`` (the module trained, unwrapped), ``loss_model`` (prepared), ``optimizer``, ``scheduler``,
+    ``state`` (:class:`~impruver.train.checkpoint.TrainState`), ``batches`` / ``val_batches``, ``writer``.
+    """
 
-    if not worker:
-        # accelerate keeps one global state per process: a second run in the same process (a notebook, a sweep,
-        # the tests) with other precision settings must start from a clean one.
-        from accelerate.state import AcceleratorState
+    def __init__(self, plan: Plan, *, strategy: Any = None) -> None:
+        from impruver.components import method_of
+        from impruver.strategies import strategy_of
 
-        AcceleratorState._reset_state(reset_partial_state=True)
-    try:  # e.g. train.ddp={ddp_find_unused_parameters: true}
-        handlers = [DistributedDataParallelKwargs(**{k.removeprefix("ddp_"): v for k, v in plan.train.ddp.items()})]
-    except TypeError as exc:
-        raise RunError(f"train.ddp: {exc} (keys are DistributedDataParallel arguments, e.g. "
-                       "ddp_find_unused_parameters)") from None
-    accelerator = Accelerator(cpu=plan.hardware.device == "cpu", mixed_precision=plan.hardware.mixed_precision,
-                              kwargs_handlers=handlers)
-    main, world = accelerator.is_main_process, accelerator.num_processes
-    train_spec = plan.train
+        self.plan = plan
+        self.spec = plan.train
+        self.layout = RunLayout.of(plan.output_dir)
+        self.strategy = strategy if strategy is not None else strategy_of(plan)
+        self.method = method_of(plan)
 
-    # 2. Data: composed once, by the main process first (the others then find it up to date; workers started by
-    # impruver.launch find it done), and the plan frozen beside the outputs.
-    from impruver.data import pipeline
+    # -- setup ---------------------------------------------------------------------------------------------------
 
-    if not worker:
-        with accelerator.main_process_first():
-            if options.get("force") and main:
-                pipeline.run(plan, force=True)  # --force: compose again even when the data is up to date
-            else:
-                pipeline.ensure_composed(plan)
-        if main:
-            plan.write()
+    def setup(self) -> None:
+        """Everything the loop needs, checked before anything heavy loads."""
+        self.check()
+        from accelerate.utils import set_seed
 
-    # 3. Seed, tokenizer, model, method.
-    set_seed(train_spec.seed)
-    tokenizer = pipeline.load_composed_tokenizer(plan)
-    method = method_of(plan)
-    load = method.load_options(plan)
-    model = registry.lookup("models", plan.model.builder)(spec=plan.model, tokenizer=tokenizer, load=load,
-                                                         **plan.model.options)
-    adapter = method.adapter
-    if adapter and main and base_needs_saving(plan):
-        save_base(model, plan.output_dir)  # random-weight base: the adapter needs it to load later
-    model = method.apply(model, plan)
-    config = getattr(model, "config", None)
-    saved_pad_id = getattr(config, "pad_token_id", None)
-    if config is not None:
-        config.use_cache = False  # a KV cache would also switch off packed-sequence masking
-        # transformers checks every forward for a pad id without an attention mask (a warning, and a device sync
-        # per step); packed rows need no mask, so the check is switched off while training (restored at save).
-        config.pad_token_id = None
-    if train_spec.gradient_checkpointing:
-        enable_checkpointing(model)
+        from impruver.data import pipeline
 
-    # 4. Rows: samples packed into seq_len-token rows (or one per row), in a seeded order per epoch.
-    seq_len = plan.seq_len
-    train_samples = read_samples(plan.train_path, max_len=seq_len)
-    if len(train_samples) == 0:
-        raise RunError(f"{plan.train_path}: no trainable samples; check the dataset and its length limit")
-    val_path = Path(plan.val_path)
-    val_samples = read_samples(val_path, max_len=seq_len) if val_path.is_file() else None
-    has_val = val_samples is not None and len(val_samples) > 0
-    batches = Batches(make_rows(train_samples, seq_len=seq_len, packing=train_spec.packing),
-                      train_spec.batch_size, train_spec.seed, world, accelerator.process_index)
-    val_batches = Batches(make_rows(val_samples, seq_len=seq_len, packing=train_spec.packing),
-                          train_spec.batch_size, train_spec.seed, world, accelerator.process_index,
-                          shuffle=False) if has_val else None
-    accum = train_spec.grad_accum
-    total_steps = train_spec.max_steps or max(1, math.ceil(train_spec.epochs * batches.per_epoch / accum))
-    pad_id = _pad_id(tokenizer)
-    log.info("%d train samples in %d rows of %d tokens (%s), %d micro-batches per epoch; %d optimizer steps "
-             "on %d process(es)", len(train_samples), len(batches.rows), seq_len,
-             "packed" if train_spec.packing else "padded", batches.per_epoch, total_steps, world)
+        self.accelerator = self.build_accelerator()
+        self.main, self.world = self.accelerator.is_main_process, self.accelerator.num_processes
+        set_seed(self.spec.seed)
+        self.tokenizer = pipeline.load_composed_tokenizer(self.plan)
+        self.model = self.build_model(self.tokenizer)
+        self.setup_rows()
+        self.setup_optimizer()
+        self.resume()
+        self.setup_metrics()
 
-    # 5. Optimizer and schedule (stepped by hand: the schedule counts optimizer steps across all ranks). The model
-    # is placed (and wrapped for DDP / FSDP) first, so the optimizer sees the parameters where they will live.
-    # The loss is part of the wrapped module: the output head runs only where there are targets (see train.loss).
-    loss_model = accelerator.prepare(TokenLoss(model))
-    optimizer = registry.lookup("optimizers", train_spec.optimizer)(
-        params=param_groups(loss_model, train_spec.weight_decay), lr=train_spec.lr, betas=tuple(train_spec.betas),
-        eps=train_spec.eps, weight_decay=train_spec.weight_decay)
-    scheduler = registry.lookup("schedulers", train_spec.scheduler)(
-        optimizer=optimizer, num_training_steps=total_steps, warmup_steps=train_spec.warmup_steps,
-        min_lr_ratio=train_spec.min_lr_ratio)
-    optimizer = accelerator.prepare(optimizer)
-    unwrapped = accelerator.unwrap_model(loss_model).model  # the model itself, for checkpoints and saving
-    compile_model = train_spec.compile if train_spec.compile != "auto" else accelerator.device.type == "cuda"
-    forward_model = torch.compile(loss_model) if compile_model else loss_model
+    def check(self) -> None:
+        """Checks that need nothing loaded: missing packages, no GPU, a memory estimate over the budget."""
+        problems = [str(p) for p in environment_problems(self.plan)]
+        memory = memory_problem(self.plan)
+        if memory:
+            problems.append(memory)
+        if problems:
+            raise RunError("this machine cannot run the plan:\n" + "\n".join(f"  - {p}" for p in problems))
+        from impruver.train.metrics import check_reporters
 
-    # 6. Resume: weights, optimizer, schedule and RNG from the last checkpoint; the data order follows the step.
-    signature = {"seed": train_spec.seed, "batch_size": train_spec.batch_size, "grad_accum": accum,
-                 "world_size": world, "seq_len": seq_len, "packing": train_spec.packing,
-                 "rows": len(batches.rows), "total_steps": total_steps}
-    state = ckpt.TrainState(signature=signature)
-    resume_from = ckpt.resolve_resume(train_spec.resume, plan.output_dir)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model=unwrapped, optimizer=optimizer, scheduler=scheduler)
-        ckpt.check_signature(state.signature, signature, resume_from)
-        state.signature = signature
-        log.info("resuming from %s at step %d of %d", resume_from, state.step, total_steps)
-    elif train_spec.resume == "auto":
-        log.info("train.resume=auto: no checkpoint in %s, starting from step 0", plan.output_dir)
-    writer = MetricsWriter(plan.output_dir, enabled=main, report_to=list(train_spec.report_to),
-                           resume_step=state.step, run_name=Path(plan.output_dir).name, config=plan.to_dict())
-    writer.write({"event": "start", "step": state.step, "total_steps": total_steps, "world_size": world,
-                  "train_samples": len(train_samples), "rows": len(batches.rows), "seq_len": seq_len,
-                  "device": str(accelerator.device), "mixed_precision": plan.hardware.mixed_precision})
+        check_reporters(list(self.spec.report_to))
 
-    def evaluate() -> float | None:
-        if not has_val:
+    def build_accelerator(self) -> Any:
+        """The strategy's Accelerator, on a clean accelerate state unless this process is one of a launched group."""
+        from impruver.launch import under_launcher
+
+        if not under_launcher():
+            # accelerate keeps one global state per process: a second run in the same process (a notebook, a
+            # sweep, the tests) with other precision or plugin settings must start from a clean one.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        return self.strategy.accelerator(self.plan)
+
+    def build_model(self, tokenizer: Any) -> Any:
+        """The module to train: the base from the model builder, then the method's wrapping (adapters, ...)."""
+        from impruver import registry
+        from impruver.train.outputs import base_needs_saving, save_base
+
+        plan = self.plan
+        model = registry.lookup("models", plan.model.builder)(spec=plan.model, tokenizer=tokenizer,
+                                                             load=self.method.load_options(plan), **plan.model.options)
+        if self.method.adapter and self.main and base_needs_saving(plan):
+            save_base(model, plan.output_dir)  # random-weight base: the adapter needs it to load later
+        model = self.method.apply(model, plan)
+        config = getattr(model, "config", None)
+        self.saved_pad_id = getattr(config, "pad_token_id", None)
+        if config is not None:
+            config.use_cache = False  # a KV cache would also switch off packed-sequence masking
+            # transformers checks every forward for a pad id without an attention mask (a warning, and a device
+            # sync per step); packed rows need no mask, so the check is off while training (restored at save).
+            config.pad_token_id = None
+        if self.spec.gradient_checkpointing:
+            enable_checkpointing(model)
+        return model
+
+    def setup_rows(self) -> None:
+        """Samples packed into seq_len-token rows (or one per row), in a seeded order per epoch, sliced per rank."""
+        from impruver.train.data import Batches, make_rows, read_samples
+
+        spec, rank = self.spec, self.accelerator.process_index
+        self.seq_len = seq_len = self.plan.seq_len
+        self.train_samples = read_samples(self.plan.train_path, max_len=seq_len)
+        if len(self.train_samples) == 0:
+            raise RunError(f"{self.plan.train_path}: no trainable samples; check the dataset and its length limit")
+        val_path = Path(self.plan.val_path)
+        self.val_samples = read_samples(val_path, max_len=seq_len) if val_path.is_file() else None
+        self.has_val = self.val_samples is not None and len(self.val_samples) > 0
+        self.batches = Batches(make_rows(self.train_samples, seq_len=seq_len, packing=spec.packing),
+                               spec.batch_size, spec.seed, self.world, rank)
+        self.val_batches = Batches(make_rows(self.val_samples, seq_len=seq_len, packing=spec.packing),
+                                   spec.batch_size, spec.seed, self.world, rank, shuffle=False) if self.has_val else None
+        self.accum = spec.grad_accum
+        self.total_steps = spec.max_steps or max(1, math.ceil(spec.epochs * self.batches.per_epoch / self.accum))
+        self.pad_id = _pad_id(self.tokenizer)
+        log.info("%d train samples in %d rows of %d tokens (%s), %d micro-batches per epoch; %d optimizer steps "
+                 "on %d process(es), strategy %s", len(self.train_samples), len(self.batches.rows), seq_len,
+                 "packed" if spec.packing else "padded", self.batches.per_epoch, self.total_steps, self.world,
+                 self.strategy.name)
+
+    def loss_module(self, model: Any) -> Any:
+        """The objective as a module around the model (prepared and wrapped whole): summed token cross-entropy.
+
+        The loss is part of the wrapped module so that the output head runs only where there are targets and
+        DDP / FSDP hooks, autocast and torch.compile see the whole computation (see :mod:`impruver.train.loss`).
+        """
+        from impruver.train.loss import TokenLoss
+
+        return TokenLoss(model)
+
+    def build_optimizer(self, module: Any) -> Any:
+        from impruver import registry
+        from impruver.train.optim import param_groups
+
+        spec = self.spec
+        return registry.lookup("optimizers", spec.optimizer)(
+            params=param_groups(module, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps,
+            weight_decay=spec.weight_decay)
+
+    def setup_optimizer(self) -> None:
+        """Optimizer and schedule (stepped by hand: the schedule counts optimizer steps across all ranks).
+
+        The optimizer is built on the unwrapped module and prepared together with it: FSDP2 swaps the parameters
+        for their shards and rewrites the optimizer's parameter groups in the same call.
+        """
+        import torch
+
+        from impruver import registry
+
+        module = self.loss_module(self.model)
+        optimizer = self.build_optimizer(module)
+        # On the torch optimizer itself: accelerate's wrappers (and DeepSpeed's ZeRO optimizer) keep its groups.
+        self.scheduler = registry.lookup("schedulers", self.spec.scheduler)(
+            optimizer=optimizer, num_training_steps=self.total_steps, warmup_steps=self.spec.warmup_steps,
+            min_lr_ratio=self.spec.min_lr_ratio)
+        self.loss_model, self.optimizer = self.strategy.prepare(self.accelerator, module, optimizer)
+        self.model = self.accelerator.unwrap_model(self.loss_model).model  # the model itself, for saving
+        compile_model = self.spec.compile if self.spec.compile != "auto" else self.accelerator.device.type == "cuda"
+        self.forward_model = torch.compile(self.loss_model) if compile_model else self.loss_model
+
+    def resume(self) -> None:
+        """Weights, optimizer, schedule and RNG from the last checkpoint; the data order follows the step."""
+        from impruver.train import checkpoint as ckpt
+
+        spec = self.spec
+        signature = {"seed": spec.seed, "batch_size": spec.batch_size, "grad_accum": self.accum,
+                     "world_size": self.world, "seq_len": self.seq_len, "packing": spec.packing,
+                     "rows": len(self.batches.rows), "total_steps": self.total_steps}
+        self.state = ckpt.TrainState(signature=signature)
+        folder = ckpt.resolve_resume(spec.resume, self.plan.output_dir)
+        if folder is not None:
+            saved = json.loads((folder / ckpt.STATE_FILE).read_text(encoding="utf-8")).get("signature", {})
+            ckpt.check_signature(saved, signature, folder)  # before loading: a mismatch may not even load
+            self.state = ckpt.load_checkpoint(folder, strategy=self.strategy, accelerator=self.accelerator,
+                                              model=self.loss_model, optimizer=self.optimizer,
+                                              scheduler=self.scheduler)
+            self.state.signature = signature
+            log.info("resuming from %s at step %d of %d", folder, self.state.step, self.total_steps)
+        elif spec.resume == "auto":
+            log.info("train.resume=auto: no checkpoint in %s, starting from step 0", self.plan.output_dir)
+
+    def setup_metrics(self) -> None:
+        from impruver.train.metrics import MetricsWriter
+
+        self.writer = MetricsWriter(self.plan.output_dir, enabled=self.main, report_to=list(self.spec.report_to),
+                                    resume_step=self.state.step, run_name=Path(self.plan.output_dir).name,
+                                    config=self.plan.to_dict())
+        self.writer.write({"event": "start", "step": self.state.step, "total_steps": self.total_steps,
+                           "world_size": self.world, "train_samples": len(self.train_samples),
+                           "rows": len(self.batches.rows), "seq_len": self.seq_len,
+                           "device": str(self.accelerator.device), "strategy": self.strategy.name,
+                           "mixed_precision": self.plan.hardware.mixed_precision})
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def micro_batch(self, micro: int) -> dict[str, Any]:
+        """The collated rows of global micro-batch number ``micro`` for this rank."""
+        from impruver.train.data import collate
+
+        epoch, index = divmod(micro, self.batches.per_epoch)
+        return collate(self.train_samples, self.batches.get(epoch, index), pad_id=self.pad_id,
+                       seq_len=self.seq_len, packed=self.spec.packing)
+
+    def step_loss(self, batch: dict[str, Any]) -> Any:
+        """The objective of one micro-batch: the summed loss over its target tokens (a 0-d fp32 tensor)."""
+        return token_loss_sum(self.forward_model, batch, self.accelerator.device)
+
+    def train(self) -> None:
+        """Accumulate ``grad_accum`` micro-batches, clip, step; log, evaluate and checkpoint by step count."""
+        import torch
+
+        from impruver.train.metrics import format_line
+        from impruver.ui import interactive, progress
+
+        acc, spec, state, accum, world = self.accelerator, self.spec, self.state, self.accum, self.world
+        total = self.total_steps
+        self.loss_model.train()
+        self.started, self.tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
+        # The window's summed loss stays on the device: reading it (a device sync) happens only when logging.
+        window_loss = torch.zeros((), device=acc.device)
+        window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+        self.last_eval, self.last_eval_step = None, -1
+        with progress() as bar:
+            task = bar.add_task("training", total=total, completed=state.step, info="")
+            while state.step < total:
+                parts = [self.micro_batch(state.step * accum + k) for k in range(accum)]
+                # Every rank divides by the global number of target tokens of this step (DDP averages
+                # gradients, hence the factor `world`): the step's loss is the token-weighted mean over all
+                # its micro-batches. `scale` undoes what a strategy's engine divides by itself (DeepSpeed: accum).
+                n_targets, n_tokens = global_counts(acc, sum(p["n_targets"] for p in parts),
+                                                    sum(p["n_tokens"] for p in parts))
+                scale = world * self.strategy.loss_scale(self.plan) / max(n_targets, 1)
+                step_loss = torch.zeros((), device=acc.device)
+                for k, part in enumerate(parts):
+                    sync = contextlib.nullcontext() if k == accum - 1 else acc.no_sync(self.loss_model)
+                    with sync:
+                        loss_sum = self.step_loss(part)
+                        acc.backward(loss_sum * scale)
+                    step_loss += loss_sum.detach()
+                grad_norm = None
+                if spec.max_grad_norm:
+                    grad_norm = acc.clip_grad_norm_(self.loss_model.parameters(), spec.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                if not acc.optimizer_step_was_skipped:
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens += n_tokens
+                window_loss += step_loss
+                window_targets += n_targets
+                window_tokens += n_tokens
+
+                if state.step % spec.logging_steps == 0 or state.step == total or state.step == 1:
+                    now = time.perf_counter()
+                    speed = window_tokens / max(now - window_start, 1e-9)
+                    eta = (now - self.started) / max(state.step - start_step, 1) * (total - state.step)
+                    record = {"event": "train", "step": state.step,
+                              "epoch": round(state.step * accum / self.batches.per_epoch, 4),
+                              "loss": float(acc.reduce(window_loss, "sum")) / max(window_targets, 1),
+                              "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                              "tokens": state.tokens, "tokens_per_s": speed,
+                              "elapsed_s": state.elapsed_s + now - self.started, "eta_s": eta, "world_size": world}
+                    self.writer.write(record)
+                    bar.update(task, completed=state.step, info=f"loss {record['loss']:.4f} lr {lr:.2e} "
+                               f"{speed:,.0f} tok/s")
+                    if not interactive():
+                        log.info(format_line(record, total))
+                    window_loss = torch.zeros((), device=acc.device)
+                    window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+
+                eval_now = self.has_val and spec.eval_steps and state.step % spec.eval_steps == 0
+                save_now = spec.save_steps and state.step % spec.save_steps == 0 and state.step < total
+                if eval_now or save_now:
+                    self.last_eval, self.last_eval_step = self.evaluate(), state.step
+                    if self.last_eval is not None:
+                        self.writer.write({"event": "eval", "step": state.step, "eval_loss": self.last_eval})
+                        log.info("step %d: eval loss %.4f", state.step, self.last_eval)
+                    state.history.append({"step": state.step, "eval_loss": self.last_eval})
+                if save_now:
+                    self.save_checkpoint(self.last_eval)
+
+    def evaluate(self) -> float | None:
+        """The token-weighted validation loss over all ranks (None without validation data)."""
+        if not self.has_val:
             return None
-        return eval_loss(forward_model, val_samples, val_batches, accelerator=accelerator, pad_id=pad_id,
-                         seq_len=seq_len, packed=train_spec.packing)
+        return eval_loss(self.forward_model, self.val_samples, self.val_batches, accelerator=self.accelerator,
+                         pad_id=self.pad_id, seq_len=self.seq_len, packed=self.spec.packing)
 
-    def save_checkpoint(loss: float | None) -> None:
+    def save_checkpoint(self, loss: float | None) -> None:
+        """Checkpoint the state at this step (every rank takes part) and drop the ones no longer kept."""
+        from impruver.train import checkpoint as ckpt
+
+        state = self.state
         state.eval_loss = loss
         if loss is not None and (state.best_eval_loss is None or loss < state.best_eval_loss):
             state.best_step, state.best_eval_loss = state.step, loss
-        if main:
-            ckpt.save_checkpoint(plan.output_dir, model=unwrapped, optimizer=optimizer, scheduler=scheduler,
-                                 state=state)
-            ckpt.rotate(plan.output_dir, keep=train_spec.save_total_limit, best_step=state.best_step)
-        accelerator.wait_for_everyone()
+        ckpt.save_checkpoint(self.plan.output_dir, strategy=self.strategy, accelerator=self.accelerator,
+                             model=self.loss_model, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
+        if self.main:
+            ckpt.rotate(self.plan.output_dir, keep=self.spec.save_total_limit, best_step=state.best_step)
+        self.accelerator.wait_for_everyone()
 
-    # 7. The loop: accumulate `accum` micro-batches, clip, step; log, evaluate and checkpoint by step count.
-    from impruver.ui import interactive, progress
+    # -- the end -------------------------------------------------------------------------------------------------
 
-    loss_model.train()
-    started, tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
-    # The window's summed loss stays on the device: reading it (a device sync) happens only when logging.
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
-    last_eval: float | None = None
-    last_eval_step = -1
-    with progress() as bar:
-        task = bar.add_task("training", total=total_steps, completed=state.step, info="")
-        while state.step < total_steps:
-            micro = [state.step * accum + k for k in range(accum)]
-            parts = [_collate(train_samples, batches, m, pad_id=pad_id, seq_len=seq_len,
-                              packed=train_spec.packing) for m in micro]
-            # Every rank divides by the global number of target tokens of this step (DDP averages gradients,
-            # hence the factor `world`): the step's loss is the token-weighted mean over all its micro-batches.
-            n_targets, n_tokens = global_counts(accelerator, sum(p["n_targets"] for p in parts),
-                                                sum(p["n_tokens"] for p in parts))
-            step_loss = torch.zeros((), device=accelerator.device)
-            for k, part in enumerate(parts):
-                sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(loss_model)
-                with sync:
-                    loss_sum = token_loss_sum(forward_model, part, accelerator.device)
-                    accelerator.backward(loss_sum * world / max(n_targets, 1))
-                step_loss += loss_sum.detach()
-            grad_norm = None
-            if train_spec.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(loss_model.parameters(), train_spec.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens += n_tokens
-            window_loss += step_loss
-            window_targets += n_targets
-            window_tokens += n_tokens
+    def finish(self) -> dict[str, Any]:
+        """A final evaluation, the best checkpoint's weights if they beat the last ones, then save; the summary."""
+        from impruver.train import checkpoint as ckpt
+        from impruver.train.metrics import plot_loss
+        from impruver.train.outputs import save_model, write_card
 
-            if state.step % train_spec.logging_steps == 0 or state.step == total_steps or state.step == 1:
-                now = time.perf_counter()
-                speed = window_tokens / max(now - window_start, 1e-9)
-                eta = (now - started) / max(state.step - start_step, 1) * (total_steps - state.step)
-                record = {"event": "train", "step": state.step,
-                          "epoch": round(state.step * accum / batches.per_epoch, 4),
-                          "loss": float(accelerator.reduce(window_loss, "sum")) / max(window_targets, 1),
-                          "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "tokens": state.tokens, "tokens_per_s": speed,
-                          "elapsed_s": state.elapsed_s + now - started, "eta_s": eta, "world_size": world}
-                writer.write(record)
-                bar.update(task, completed=state.step, info=f"loss {record['loss']:.4f} lr {lr:.2e} "
-                           f"{speed:,.0f} tok/s")
-                if main and not interactive():
-                    log.info(format_line(record, total_steps))
-                window_loss = torch.zeros((), device=accelerator.device)
-                window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
-
-            eval_now = has_val and train_spec.eval_steps and state.step % train_spec.eval_steps == 0
-            save_now = train_spec.save_steps and state.step % train_spec.save_steps == 0 and state.step < total_steps
-            if eval_now or save_now:
-                last_eval, last_eval_step = evaluate(), state.step
-                if last_eval is not None:
-                    writer.write({"event": "eval", "step": state.step, "eval_loss": last_eval})
-                    if main:
-                        log.info("step %d: eval loss %.4f", state.step, last_eval)
-                state.history.append({"step": state.step, "eval_loss": last_eval})
-            if save_now:
-                save_checkpoint(last_eval)
-
-    # 8. The end: a final evaluation, the best checkpoint's weights if they beat the last ones, then save.
-    this_run_s = time.perf_counter() - started
-    state.elapsed_s += this_run_s
-    final_eval = last_eval if last_eval_step == state.step else evaluate()
-    if final_eval is not None and last_eval_step != state.step:
-        writer.write({"event": "eval", "step": state.step, "eval_loss": final_eval})
-    best_step, result_eval = state.step, final_eval
-    if (train_spec.load_best_at_end and final_eval is not None and state.best_eval_loss is not None
-            and state.best_eval_loss < final_eval and state.best_step is not None):
-        folder = ckpt.checkpoint_dir(plan.output_dir, state.best_step)
-        if folder.is_dir():
-            ckpt.load_trainable(folder, unwrapped)
-            best_step, result_eval = state.best_step, state.best_eval_loss
-            log.info("loaded the best checkpoint (step %d, eval loss %.4f; the last step had %.4f)",
-                     best_step, state.best_eval_loss, final_eval)
-    train_loss = _last_train_loss(plan.output_dir) if main else None
-    summary = {"output_dir": plan.output_dir, "steps": state.step, "train_loss": train_loss,
-               "eval_loss": result_eval, "best_step": best_step if result_eval is not None else None,
-               "tokens": state.tokens, "world_size": world, "train_samples": len(train_samples),
-               "val_samples": len(val_samples) if has_val else 0, "elapsed_s": round(state.elapsed_s, 2),
-               "tokens_per_s": round((state.tokens - tokens_at_start) / max(this_run_s, 1e-9), 1)}
-    if config is not None:
-        config.pad_token_id = saved_pad_id
-    # Sharded runs (FSDP, DeepSpeed ZeRO-3): every rank takes part in gathering the full weights.
-    sharded = plan.hardware.distributed in ("fsdp", "deepspeed_zero3")
-    full_state = accelerator.get_state_dict(model) if sharded else None
-    if main:
-        save_model(unwrapped, tokenizer, plan, adapter=adapter, state_dict=full_state)
-        writer.write({"event": "end", **{k: v for k, v in summary.items() if k != "output_dir"}})
-        plot_loss(plan.output_dir)
-        write_card(plan, summary)
-        atomic_write_text(Path(plan.output_dir) / "run.json", json.dumps(summary, indent=1))
-        log.info("saved %s to %s", "the adapter" if adapter else "the model", plan.output_dir)
-    writer.close()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+        state, plan, acc = self.state, self.plan, self.accelerator
+        this_run_s = time.perf_counter() - self.started
+        state.elapsed_s += this_run_s
+        final_eval = self.last_eval if self.last_eval_step == state.step else self.evaluate()
+        if final_eval is not None and self.last_eval_step != state.step:
+            self.writer.write({"event": "eval", "step": state.step, "eval_loss": final_eval})
+        best_step, result_eval = state.step, final_eval
+        if (self.spec.load_best_at_end and final_eval is not None and state.best_eval_loss is not None
+                and state.best_eval_loss < final_eval and state.best_step is not None):
+            folder = ckpt.checkpoint_dir(plan.output_dir, state.best_step)
+            if folder.is_dir():
+                self.strategy.load_weights(acc, folder, model=self.loss_model)
+                best_step, result_eval = state.best_step, state.best_eval_loss
+                log.info("loaded the best checkpoint (step %d, eval loss %.4f; the last step had %.4f)",
+                         best_step, state.best_eval_loss, final_eval)
+        train_loss = _last_train_loss(self.layout.metrics) if self.main else None
+        summary = {"output_dir": plan.output_dir, "steps": state.step, "train_loss": train_loss,
+                   "eval_loss": result_eval, "best_step": best_step if result_eval is not None else None,
+                   "tokens": state.tokens, "world_size": self.world, "train_samples": len(self.train_samples),
+                   "val_samples": len(self.val_samples) if self.has_val else 0,
+                   "elapsed_s": round(state.elapsed_s, 2),
+                   "tokens_per_s": round((state.tokens - self.tokens_at_start) / max(this_run_s, 1e-9), 1)}
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            config.pad_token_id = self.saved_pad_id
+        full_state = self.strategy.full_state_dict(acc, self.loss_model)  # a gather: every rank takes part
+        if self.main:
+            save_model(self.model, self.tokenizer, plan, adapter=self.method.adapter, state_dict=full_state)
+            self.writer.write({"event": "end", **{k: v for k, v in summary.items() if k != "output_dir"}})
+            plot_loss(plan.output_dir)
+            write_card(plan, summary)
+            # What ran, as accelerate saw it: a strategy that asked for sharding and got none would show here.
+            strategy = {**self.strategy.describe(plan), "distributed_type": str(acc.distributed_type.value)}
+            record = {**summary, "strategy": strategy}
+            atomic_write_text(self.layout.run_record, json.dumps(record, indent=1))
+            log.info("saved %s to %s", "the adapter" if self.method.adapter else "the model", plan.output_dir)
+        self.writer.close()
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
 
 
 def memory_problem(plan: Plan) -> str | None:
@@ -375,13 +481,6 @@ def _to(tensor: Any, device: Any) -> Any:
     return tensor
 
 
-def _collate(samples: Samples, batches: Batches, micro: int, **kwargs: Any) -> dict[str, Any]:
-    from impruver.train.data import collate
-
-    epoch, index = divmod(micro, batches.per_epoch)
-    return collate(samples, batches.get(epoch, index), **kwargs)
-
-
 def _pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -390,8 +489,8 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _last_train_loss(output_dir: str) -> float | None:
-    from impruver.train.metrics import METRICS_FILE, read_metrics
+def _last_train_loss(metrics: Path) -> float | None:
+    from impruver.train.metrics import read_metrics
 
-    losses = [r["loss"] for r in read_metrics(Path(output_dir) / METRICS_FILE) if r.get("event") == "train"]
+    losses = [r["loss"] for r in read_metrics(metrics) if r.get("event") == "train"]
     return losses[-1] if losses else None
