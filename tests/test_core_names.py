@@ -18,16 +18,8 @@ from impruver import registry
 REPO = Path(__file__).resolve().parents[1]
 CORE = ["impruver/plan/__init__.py", "impruver/plan/schema.py", "impruver/plan/build.py", "impruver/plan/io.py",
         "impruver/plan/probes.py", "impruver/memory.py", "impruver/cli.py", "impruver/launch.py",
-        "impruver/train/recipe.py"]
+        "impruver/train/recipe.py", "impruver/train/checkpoint.py", "impruver/jobs.py", "impruver/compose.py"]
 KINDS = ("methods", "families", "strategies", "tokenizers", "models")
-# Modules being reworked on other branches (launch args and sharded saving move into the strategy components);
-# these marks go when those branches land: remove them at the merge.
-PENDING = {
-    "impruver/launch.py": "hardware.distributed == 'fsdp' / startswith('deepspeed'): strategy.launch_args (scale)",
-    "impruver/train/recipe.py": "distributed in ('fsdp', 'deepspeed_zero3'): strategy.shards (scale)",
-}
-
-
 def builtin_names() -> set[str]:
     names = {name for kind in KINDS for name in registry.names(kind)}
     assert {"lora", "qlora", "scratch", "full", "gpt2", "llama", "bpe", "fsdp", "ddp"} <= names
@@ -77,8 +69,7 @@ def test_the_scan_finds_what_it_looks_for() -> None:
     assert conditions_on_names(source, names) == [(1, "lora"), (2, "deepspeed"), (3, "gpt2")]
 
 
-@pytest.mark.parametrize("module", [
-    pytest.param(m, marks=pytest.mark.xfail(reason=PENDING[m], strict=False)) if m in PENDING else m for m in CORE])
+@pytest.mark.parametrize("module", CORE)
 def test_core_module_has_no_condition_on_a_builtin_name(module: str) -> None:
     found = conditions_on_names((REPO / module).read_text(encoding="utf-8"), builtin_names())
     assert not found, f"{module} branches on built-in component names: " + ", ".join(
