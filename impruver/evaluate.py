@@ -225,7 +225,9 @@ def _show(summary: dict[str, Any], show: int, report: Path) -> None:
     examples += [r for r in results if r["correct"]][:show - len(examples)]
     examples += [r for r in results if not r["correct"] and r not in examples][:show - len(examples)]
     if examples:
-        table = Table(title=f"eval: {summary['questions']} (greedy, exact match)", title_justify="left")
+        table = Table(title=f"eval: {summary['questions']} (greedy, exact match)", title_justify="left",
+                      caption=f"{summary['correct']} of {summary['n']} exact ({summary['accuracy']:.1%})",
+                      caption_justify="left")
         for column in ("", "question", "expected", "reply"):
             table.add_column(column, overflow="fold")
         for r in sorted(examples, key=lambda r: r["line"]):

@@ -62,7 +62,7 @@ def test_the_default_job_answers_its_heldout_questions(tmp_path: Path, cli_env: 
     out = tmp_path / "demo"
     impruver(f"output_dir={out}", env=cli_env, cwd=tmp_path)
     summary = run(load_plan(out), questions="demo")
-    assert summary["n"] >= 100 and (out / "eval.json").is_file()
+    assert summary["n"] >= 90 and (out / "eval.json").is_file()
     assert json.loads((out / "eval.json").read_text())["accuracy"] == summary["accuracy"]
     assert summary["accuracy"] >= 0.8, {k: v for k, v in summary.items() if k != "results"}
     for lang in ("en", "ru"):  # both languages, not one carrying the other
