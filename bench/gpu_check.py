@@ -226,9 +226,11 @@ def fsdp(cuda: bool, tiny: bool) -> dict[str, Any]:
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         losses = [r["loss"] for r in records if r.get("event") == "train"]
         checkpoints = sorted(p.name for p in (out / "checkpoints").glob("*")) if (out / "checkpoints").is_dir() else []
+        record = out / "run.json"  # the run's own record: world size, steps, tokens/s
         return {**result, "steps": len(losses), "first_loss": losses[0] if losses else None,
                 "last_loss": losses[-1] if losses else None, "checkpoints": checkpoints,
-                "saved_model": (out / "model.safetensors").is_file() or any(out.glob("model-*.safetensors"))}
+                "saved_model": (out / "model.safetensors").is_file() or any(out.glob("model-*.safetensors")),
+                "run": json.loads(record.read_text()) if record.is_file() else None}
 
 
 def run_one(name: str, tiny: bool) -> dict[str, Any]:
