@@ -168,7 +168,8 @@ class _Counter:
         return batch
 
 
-def side_trainer(plan_path: str, warmup: int, batch: int, collator: str = "pad", compile: bool = False) -> dict[str, Any]:
+def side_trainer(plan_path: str, warmup: int, batch: int, collator: str = "pad",
+                 compile: bool = False) -> dict[str, Any]:
     import torch
     from datasets import load_dataset
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback, \

@@ -153,7 +153,8 @@ def _question(record: Any, number: int) -> Question:
             for m in messages):
         raise ValueError('"messages" must be a non-empty list of {"role", "content"} turns with string content')
     if messages[-1]["role"] != "user":
-        raise ValueError(f'the last turn must be the user\'s (the reply is what is scored), not "{messages[-1]["role"]}"')
+        raise ValueError(f"the last turn must be the user's (the reply is what is scored), "
+                         f"not \"{messages[-1]['role']}\"")
     tags = {k: v for k, v in record.items() if k not in ("prompt", "messages", "answer") and isinstance(v, str)}
     return Question(tuple(messages), tuple(answers), tags, number)
 
