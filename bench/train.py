@@ -14,7 +14,9 @@ turns only). Each side runs in its own process (so peak memory is its own):
   only, AdamW (fused on a GPU), and on a
   GPU bf16 autocast with fp32 master weights and ``torch.compile`` (``--no-compile`` to measure without);
 * ``trainer``: ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` (dynamic padding to the batch's longest
-  sample), its default optimizer, bf16 on a GPU.
+  sample), its default optimizer, bf16 on a GPU; ``--trainer-collator flatten`` gives it its own padding-free
+  packing (``DataCollatorWithFlattening``) and ``--trainer-compile`` its ``torch_compile`` (what
+  ``bench/gpu_check.py`` runs, so that both sides pack and compile).
 
 Printed as JSON: useful (non-padding) tokens/s, seconds per optimizer step, peak memory (CUDA allocator peak on a
 GPU, process peak RSS on the CPU), MFU (6N + 12·L·d·T FLOPs per token, N without position embeddings, T the row
@@ -157,16 +159,21 @@ class _Counter:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(features)
-        self.useful.append(int(batch["attention_mask"].sum()))
-        self.computed.append(int(batch["attention_mask"].numel()))
-        self.lengths.append(int(batch["attention_mask"].shape[1]))
+        # A padded batch marks real tokens in attention_mask; a flattened one (1, total) has no padding at all.
+        mask = batch.get("attention_mask")
+        mask = mask if mask is not None else batch["input_ids"].new_ones(batch["input_ids"].shape)
+        self.useful.append(int(mask.sum()))
+        self.computed.append(int(mask.numel()))
+        self.lengths.append(int(mask.shape[1]))
         return batch
 
 
-def side_trainer(plan_path: str, warmup: int, batch: int) -> dict[str, Any]:
+def side_trainer(plan_path: str, warmup: int, batch: int, collator: str = "pad",
+                 compile: bool = False) -> dict[str, Any]:
     import torch
     from datasets import load_dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainerCallback, \
+        TrainingArguments
 
     from impruver import registry
     from impruver.data.pipeline import load_composed_tokenizer
@@ -183,7 +190,11 @@ def side_trainer(plan_path: str, warmup: int, batch: int) -> dict[str, Any]:
     model.config.use_cache = False
     model.loss_type = "ForCausalLM"
     data = load_dataset("json", data_files=plan.train_path, split="train")
-    counter = _Counter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    # pad: dynamic padding to the batch's longest sample; flatten: the Trainer's own padding-free packing (one row
+    # of the batch's samples end to end, with per-sample position_ids that transformers masks across).
+    base = DataCollatorWithFlattening(return_position_ids=True) if collator == "flatten" else \
+        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    counter = _Counter(base)
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -196,7 +207,7 @@ def side_trainer(plan_path: str, warmup: int, batch: int) -> dict[str, Any]:
         output_dir=str(Path(plan.output_dir).parent / "trainer"), per_device_train_batch_size=batch,
         max_steps=plan.train.max_steps, learning_rate=plan.train.lr, logging_steps=1, save_strategy="no",
         report_to=[], bf16=cuda, use_cpu=not cuda, dataloader_num_workers=0, seed=plan.train.seed,
-        remove_unused_columns=False, disable_tqdm=True, max_grad_norm=1.0,
+        remove_unused_columns=False, disable_tqdm=True, max_grad_norm=1.0, torch_compile=compile,
     )
     _reset_peak()
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=counter,
@@ -254,39 +265,45 @@ def device_peak() -> tuple[str, float | None]:
 
 
 def run_side(side: str, plan_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One side in its own process (its own peak memory); RuntimeError with its output when it fails."""
     cmd = [sys.executable, __file__, "--side", side, "--plan", str(plan_path), "--warmup", str(args.warmup),
-           "--trainer-batch", str(args.trainer_batch or SHAPES[args.shape]["trainer_batch"])]
+           "--trainer-batch", str(args.trainer_batch or SHAPES[args.shape]["trainer_batch"]),
+           "--trainer-collator", args.trainer_collator] + (["--trainer-compile"] if args.trainer_compile else [])
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{side} did not finish within {args.timeout} s") from None
     if proc.returncode != 0:
-        raise SystemExit(f"{side} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{side} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(SHAPES), default=None, help="default: tiny on CPU, gpt2-124m on GPU")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="first steps not timed")
     parser.add_argument("--chats", type=int, default=None, help="synthetic chats to compose")
     parser.add_argument("--trainer-batch", type=int, default=None, help="Trainer rows per step (default: the shape's)")
+    parser.add_argument("--trainer-collator", choices=["pad", "flatten"], default="pad",
+                        help="Trainer batches: dynamic padding (default) or padding-free DataCollatorWithFlattening")
+    parser.add_argument("--trainer-compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     parser.add_argument("--rows", type=int, default=None, help="impruver packed rows per step (default: the shape's)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds each side may take")
     parser.add_argument("--side", choices=["impruver", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    if args.side == "impruver":
-        print(json.dumps(side_impruver(args.plan, args.warmup)))
-        return
-    if args.side == "trainer":
-        print(json.dumps(side_trainer(args.plan, args.warmup, args.trainer_batch)))
-        return
+    return parser
 
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Compose synthetic chats once, train both sides on them, and return the side-by-side report."""
     import torch
 
+    sys.path.insert(0, str(ROOT))
     cuda = torch.cuda.is_available()
     args.shape = args.shape or ("gpt2-124m" if cuda else "tiny")
     device, peak = device_peak()
@@ -311,7 +328,9 @@ def main() -> None:
         result["mfu"] = mfu(result, plan, peak)
         result["padding_share"] = 1 - result["useful_tokens_per_step"] / result["computed_tokens_per_step"]
         result.pop("vocab")
-    report = {
+    collated = "DataCollatorWithFlattening (padding-free)" if args.trainer_collator == "flatten" else \
+        "DataCollatorForSeq2Seq (dynamic padding)"
+    return {
         "device": device, "shape": args.shape, "arch": shape["arch"], "method": shape["method"], "vocab": vocab,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "compose_s": round(compose_s, 1), "chats": chats,
@@ -321,9 +340,26 @@ def main() -> None:
         "settings": {"impruver": f"packed {args.rows or shape['rows']} x {shape['seq_len']}, position ids, sdpa"
                      + (", bf16 autocast, fp32 master, fused AdamW" if cuda else ", fp32, AdamW")
                      + (", torch.compile" if cuda and not args.no_compile else ""),
-                     "trainer": f"batch {args.trainer_batch or shape['trainer_batch']}, DataCollatorForSeq2Seq "
-                                f"(dynamic padding){', bf16' if cuda else ', fp32'}, default optimizer"},
+                     "trainer": f"batch {args.trainer_batch or shape['trainer_batch']}, {collated}"
+                                f"{', bf16' if cuda else ', fp32'}, default optimizer"
+                                + (", torch_compile" if args.trainer_compile else "")},
     }
+
+
+def main() -> None:
+    args = parser().parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.side == "impruver":
+        print(json.dumps(side_impruver(args.plan, args.warmup)))
+        return
+    if args.side == "trainer":
+        print(json.dumps(side_trainer(args.plan, args.warmup, args.trainer_batch, args.trainer_collator,
+                                      args.trainer_compile)))
+        return
+    try:
+        report = compare(args)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
     print(json.dumps(report, indent=1))
 
 

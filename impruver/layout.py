@@ -7,7 +7,7 @@ spelled once::
         plan.yaml                 the frozen plan of the last run (what workers and later stages read)
         data/train.jsonl          composed samples (ids + labels), data/val.jsonl, data/compose_report.json
         checkpoints/step-00000100 resumable training state
-        metrics.jsonl loss.png run.json run_summary.json README.md
+        metrics.jsonl loss.png run.json run_summary.json README.md eval.json
         base/                     an adapter's randomly initialised base, when it exists nowhere else
         merged/                   a LoRA adapter merged into its base (impruver export)
 """
@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 RUN_FILE = "run.json"
 RUN_SUMMARY = "run_summary.json"
+EVAL_FILE = "eval.json"  # impruver.evaluate: exact-match accuracy on a question file
 SWEEP_SUMMARY = "sweep_summary.json"
 CARD_FILE = "README.md"
 BASE_DIR = "base"
@@ -84,6 +85,10 @@ class RunLayout:
         return self.root / RUN_SUMMARY
 
     @property
+    def eval_report(self) -> Path:
+        return self.root / EVAL_FILE
+
+    @property
     def card(self) -> Path:
         return self.root / CARD_FILE
 
@@ -101,4 +106,4 @@ class RunLayout:
 
 
 __all__ = ["RunLayout", "PLAN_FILE", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "METRICS_FILE", "RUN_SUMMARY",
-           "SWEEP_SUMMARY", "BASE_DIR", "MERGED_DIR"]
+           "EVAL_FILE", "SWEEP_SUMMARY", "BASE_DIR", "MERGED_DIR"]

@@ -1,4 +1,5 @@
-"""The bundled demo dataset (impruver/assets/demo/chats.jsonl): shape, correctness of its facts, determinism."""
+"""The bundled demo dataset (impruver/assets/demo/chats.jsonl and heldout.jsonl): shape, correctness of its facts,
+held-out questions that training never asks, determinism."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ ROLES = {"system", "user", "assistant", "function_call", "function_response"}
 CYRILLIC = re.compile("[\u0400-\u04ff]")
 
 
-def _demo_bytes() -> bytes:
-    return resources.files("impruver.assets.demo").joinpath("chats.jsonl").read_bytes()
+def _demo_bytes(name: str = "chats.jsonl") -> bytes:
+    return resources.files("impruver.assets.demo").joinpath(name).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_file_ships_in_package_and_is_small() -> None:
 
 
 def test_record_shape(records: list[dict]) -> None:
-    assert 400 <= len(records) <= 650
+    assert 1200 <= len(records) <= 1700  # each fact of each question kind, asked in a few phrasings
     for i, r in enumerate(records, 1):
         assert set(r) <= {"messages", "tools"}, f"line {i}: unexpected keys {set(r)}"
         messages = r["messages"]
@@ -96,15 +97,16 @@ def test_single_turn_arithmetic_answers_the_question(records: list[dict]) -> Non
     assert checked >= 60
 
 
-def test_letter_counts_and_parity_are_correct(records: list[dict]) -> None:
+def test_letter_counts_and_calendar_are_correct(records: list[dict]) -> None:
     text = "\n".join(_assistant_texts(records))
     counts = re.findall(r'The word "(\w+)" has (\d+) letters', text) + re.findall(r"В слове «(\w+)» (\d+) бук", text)
     assert len(counts) >= 30
     assert all(len(word) == int(n) for word, n in counts), counts
-    parity = re.findall(r"^(\d+) is (even|odd)\.$", text, re.M)
-    parity += [(n, "even" if p == "чётное" else "odd") for n, p in re.findall(r"^(\d+) — (чётное|нечётное)", text, re.M)]
-    assert len(parity) >= 30
-    assert all((int(n) % 2 == 0) == (p == "even") for n, p in parity), parity
+    after = re.findall(r"^The (?:day|month) after (\w+) is (\w+)\.$", text, re.M)
+    assert len(after) >= 30
+    for x, y in after:
+        seq = make_demo.DAYS_EN if x in make_demo.DAYS_EN else make_demo.MONTHS_EN
+        assert seq[(seq.index(x) + 1) % len(seq)] == y, (x, y)
 
 
 def test_capitals_match_the_fact_table(records: list[dict]) -> None:
@@ -156,6 +158,7 @@ def test_few_near_duplicates(records: list[dict]) -> None:
 
 def test_regeneration_is_byte_identical(tmp_path: Path) -> None:
     assert make_demo.render().encode("utf-8") == _demo_bytes()
+    assert make_demo.render_heldout().encode("utf-8") == _demo_bytes("heldout.jsonl")
     # In fresh interpreters with different hash seeds (set/dict order must not leak into the output).
     for hash_seed in ("1", "2"):
         out = tmp_path / f"chats{hash_seed}.jsonl"
@@ -163,6 +166,7 @@ def test_regeneration_is_byte_identical(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-m", "impruver.assets.demo.make_demo", "--out", str(out)], check=True,
                        env=env, capture_output=True)
         assert out.read_bytes() == _demo_bytes()
+        assert out.with_name("heldout.jsonl").read_bytes() == _demo_bytes("heldout.jsonl")
     check = subprocess.run([sys.executable, "-m", "impruver.assets.demo.make_demo", "--check", "--out", str(out)],
                            capture_output=True)
     assert check.returncode == 0
@@ -172,3 +176,51 @@ def test_regeneration_is_byte_identical(tmp_path: Path) -> None:
 
 def test_a_different_seed_gives_different_data() -> None:
     assert make_demo.render(seed=1) != make_demo.render()
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[dict]:
+    return [json.loads(line) for line in _demo_bytes("heldout.jsonl").decode("utf-8").splitlines()]
+
+
+def test_heldout_questions_are_never_asked_in_training(records: list[dict], heldout: list[dict]) -> None:
+    asked = {m["content"] for r in records for m in r["messages"] if m["role"] == "user"}
+    answers = set(_assistant_texts(records))
+    assert len(heldout) >= 90
+    for q in heldout:
+        assert set(q) == {"messages", "answer", "kind", "lang", "split"}
+        assert q["messages"][-1]["role"] == "user" and q["messages"][-1]["content"] not in asked, q
+        assert q["answer"] in answers, q  # the fact itself is taught (in other phrasings): asking is what is new
+    # Each kind in both languages, half in seen phrasings of facts never asked that way, half in unseen phrasings.
+    kinds = {q["kind"] for q in heldout}
+    assert len(kinds) >= 5
+    for kind in kinds:
+        for lang in ("en", "ru"):
+            splits = [q["split"] for q in heldout if q["kind"] == kind and q["lang"] == lang]
+            assert splits.count("combination") == splits.count("phrasing") > 0, (kind, lang)
+
+
+def test_heldout_phrasings_are_absent_from_training(records: list[dict], heldout: list[dict]) -> None:
+    """No training question is any fact in a held-out phrasing; every 'phrasing' question is one of those."""
+    asked = {m["content"] for r in records for m in r["messages"] if m["role"] == "user"}
+    unseen = set()
+    for make in make_demo.KINDS:
+        for kind in make():
+            assert not set(kind.heldout) & set(kind.train), kind.name
+            unseen |= {template.format(**fact) for template in kind.heldout for fact in kind.facts}
+    assert not unseen & asked
+    assert {q["messages"][-1]["content"] for q in heldout if q["split"] == "phrasing"} <= unseen
+
+
+def test_heldout_answers_are_correct(heldout: list[dict]) -> None:
+    ops = {"+": lambda a, b: a + b, "×": lambda a, b: a * b}
+    capitals = {c: k for c, k, *_ in make_demo.CAPITALS} | {g: r for *_, g, r in make_demo.CAPITALS}
+    for q in heldout:
+        asked, answer = q["messages"][-1]["content"], q["answer"]
+        if q["kind"] == "arithmetic":
+            a, op, b, c = re.fullmatch(r"(\d+) ([+×]) (\d+) = (\d+)\.", answer).groups()
+            assert f"{a} {op} {b}" in asked and ops[op](int(a), int(b)) == int(c)
+        if q["kind"] == "capital":
+            country, capital = re.fullmatch(r"(?:The capital of (.+) is|Столица (.+) —) (.+)\.", answer).group(1, 3) \
+                if answer.startswith("The") else re.fullmatch(r"Столица (.+) — (.+)\.", answer).groups()
+            assert country in asked and capitals[country] == capital

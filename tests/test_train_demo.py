@@ -13,9 +13,9 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def impruver(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+def impruver(*args: str, env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "impruver", *args], env=env, cwd=cwd, text=True,
-                            capture_output=True, timeout=600)
+                            capture_output=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -51,3 +51,19 @@ def test_demo_then_lora_on_its_output(tmp_path: Path, cli_env: dict[str, str]) -
     assert (lora / "adapter_model.safetensors").is_file() and not (lora / "model.safetensors").exists()
     with torch.no_grad():
         assert torch.isfinite(adapter(ids).logits).all()
+
+
+def test_the_default_job_answers_its_heldout_questions(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The whole default job (the demo preset, its full schedule), then the check it ends with: the demo's held-out
+    questions (its question kinds in new combinations and phrasings, English and Russian), greedy, exact match."""
+    from impruver.evaluate import run
+    from impruver.plan import load_plan
+
+    out = tmp_path / "demo"
+    impruver(f"output_dir={out}", env=cli_env, cwd=tmp_path, timeout=1800)  # ~2 min idle; CI machines are shared
+    summary = run(load_plan(out), questions="demo")
+    assert summary["n"] >= 90 and (out / "eval.json").is_file()
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == summary["accuracy"]
+    assert summary["accuracy"] >= 0.8, {k: v for k, v in summary.items() if k != "results"}
+    for lang in ("en", "ru"):  # both languages, not one carrying the other
+        assert summary["by"]["lang"][lang]["accuracy"] >= 0.7, summary["by"]

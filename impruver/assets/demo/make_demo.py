@@ -1,15 +1,22 @@
-"""Generate impruver's bundled demo dataset, ``chats.jsonl``, deterministically.
+"""Generate impruver's bundled demo data, ``chats.jsonl`` and ``heldout.jsonl``, deterministically.
 
 The demo chats are written by this script from its own word lists and facts (nothing is copied from elsewhere):
-short Russian and English conversations about arithmetic, capitals, translations, the order of days and months,
-opposites, unit conversions, letter counts, even and odd numbers, small talk, and a few tool-use dialogues in
-impruver's canonical roles (``function_call`` / ``function_response``). Every answer is computed or checked here,
-so the facts a tiny model learns from the demo are correct.
+short Russian and English conversations of a few *question kinds* that a tiny model trained for a minute or two
+on two CPU cores can actually learn: sums and products of one-digit numbers, the capitals of a fixed set of
+countries, translations of a fixed vocabulary, the day or month after another, opposites and letter counts;
+plus small talk, two-turn dialogues and a few tool-use dialogues in impruver's canonical roles
+(``function_call`` / ``function_response``). Every answer is computed or checked here, so the facts a tiny model
+learns from the demo are correct.
+
+Each kind has one answer form per language (so a reply can be scored by exact match) and several question
+phrasings. ``heldout.jsonl`` asks the same kinds in combinations the training chats never contain: a fact in a
+phrasing it was never asked in (``split: combination``), and phrasings that no training chat uses at all
+(``split: phrasing``). It is what ``impruver.evaluate`` scores the trained demo on (``eval.questions=demo``).
 
 Regenerate (the output is byte-identical for the same script)::
 
-    python -m impruver.assets.demo.make_demo            # rewrites chats.jsonl next to this file
-    python -m impruver.assets.demo.make_demo --check    # exit status 1 if chats.jsonl is out of date
+    python -m impruver.assets.demo.make_demo            # rewrites chats.jsonl and heldout.jsonl next to this file
+    python -m impruver.assets.demo.make_demo --check    # exit status 1 if either file is out of date
 
 The script uses the standard library only, so it runs without impruver's heavier dependencies.
 """
@@ -22,17 +29,20 @@ import os
 import random
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 SEED = 20240601
 OUTPUT = Path(__file__).with_name("chats.jsonl")
+HELDOUT = "heldout.jsonl"  # written next to the chats
 
 Message = dict[str, str]
 Record = dict[str, object]
 
 # --------------------------------------------------------------------------------------------------------------
 # Facts. Each row is checked by hand; the Russian case forms (genitive "of X", instrumental "before X") are stored
-# rather than derived because Russian declension has too many exceptions to derive safely.
+# rather than derived because Russian declension has too many exceptions to derive safely. The tables are kept
+# small on purpose: a 1-2M-parameter model has to learn every fact in them in a couple of CPU minutes.
 # --------------------------------------------------------------------------------------------------------------
 
 # (English country, English capital, Russian country, Russian country in the genitive, Russian capital)
@@ -42,47 +52,25 @@ CAPITALS: list[tuple[str, str, str, str, str]] = [
     ("Italy", "Rome", "Италия", "Италии", "Рим"),
     ("Spain", "Madrid", "Испания", "Испании", "Мадрид"),
     ("Portugal", "Lisbon", "Португалия", "Португалии", "Лиссабон"),
-    ("the United Kingdom", "London", "Великобритания", "Великобритании", "Лондон"),
-    ("Ireland", "Dublin", "Ирландия", "Ирландии", "Дублин"),
-    ("Belgium", "Brussels", "Бельгия", "Бельгии", "Брюссель"),
     ("Austria", "Vienna", "Австрия", "Австрии", "Вена"),
     ("Poland", "Warsaw", "Польша", "Польши", "Варшава"),
-    ("the Czech Republic", "Prague", "Чехия", "Чехии", "Прага"),
-    ("Hungary", "Budapest", "Венгрия", "Венгрии", "Будапешт"),
     ("Greece", "Athens", "Греция", "Греции", "Афины"),
     ("Sweden", "Stockholm", "Швеция", "Швеции", "Стокгольм"),
     ("Norway", "Oslo", "Норвегия", "Норвегии", "Осло"),
     ("Finland", "Helsinki", "Финляндия", "Финляндии", "Хельсинки"),
     ("Denmark", "Copenhagen", "Дания", "Дании", "Копенгаген"),
-    ("Iceland", "Reykjavik", "Исландия", "Исландии", "Рейкьявик"),
-    ("Latvia", "Riga", "Латвия", "Латвии", "Рига"),
-    ("Lithuania", "Vilnius", "Литва", "Литвы", "Вильнюс"),
-    ("Estonia", "Tallinn", "Эстония", "Эстонии", "Таллин"),
     ("Russia", "Moscow", "Россия", "России", "Москва"),
-    ("Belarus", "Minsk", "Беларусь", "Беларуси", "Минск"),
     ("Armenia", "Yerevan", "Армения", "Армении", "Ереван"),
-    ("Georgia", "Tbilisi", "Грузия", "Грузии", "Тбилиси"),
-    ("Kazakhstan", "Astana", "Казахстан", "Казахстана", "Астана"),
-    ("Mongolia", "Ulaanbaatar", "Монголия", "Монголии", "Улан-Батор"),
     ("Japan", "Tokyo", "Япония", "Японии", "Токио"),
     ("China", "Beijing", "Китай", "Китая", "Пекин"),
-    ("South Korea", "Seoul", "Южная Корея", "Южной Кореи", "Сеул"),
     ("India", "New Delhi", "Индия", "Индии", "Нью-Дели"),
-    ("Vietnam", "Hanoi", "Вьетнам", "Вьетнама", "Ханой"),
-    ("Thailand", "Bangkok", "Таиланд", "Таиланда", "Бангкок"),
     ("Turkey", "Ankara", "Турция", "Турции", "Анкара"),
     ("Egypt", "Cairo", "Египет", "Египта", "Каир"),
     ("Kenya", "Nairobi", "Кения", "Кении", "Найроби"),
-    ("Morocco", "Rabat", "Марокко", "Марокко", "Рабат"),
-    ("Nigeria", "Abuja", "Нигерия", "Нигерии", "Абуджа"),
     ("Canada", "Ottawa", "Канада", "Канады", "Оттава"),
     ("Mexico", "Mexico City", "Мексика", "Мексики", "Мехико"),
-    ("Cuba", "Havana", "Куба", "Кубы", "Гавана"),
     ("Brazil", "Brasília", "Бразилия", "Бразилии", "Бразилиа"),
-    ("Argentina", "Buenos Aires", "Аргентина", "Аргентины", "Буэнос-Айрес"),
-    ("Peru", "Lima", "Перу", "Перу", "Лима"),
     ("Australia", "Canberra", "Австралия", "Австралии", "Канберра"),
-    ("New Zealand", "Wellington", "Новая Зеландия", "Новой Зеландии", "Веллингтон"),
 ]
 
 # (English word, Russian word)
@@ -90,26 +78,21 @@ WORDS: list[tuple[str, str]] = [
     ("cat", "кошка"), ("dog", "собака"), ("house", "дом"), ("water", "вода"), ("sun", "солнце"),
     ("moon", "луна"), ("book", "книга"), ("apple", "яблоко"), ("bread", "хлеб"), ("milk", "молоко"),
     ("tree", "дерево"), ("city", "город"), ("friend", "друг"), ("school", "школа"), ("table", "стол"),
-    ("window", "окно"), ("door", "дверь"), ("bird", "птица"), ("fish", "рыба"), ("flower", "цветок"),
-    ("sea", "море"), ("river", "река"), ("mountain", "гора"), ("snow", "снег"), ("rain", "дождь"),
-    ("night", "ночь"), ("morning", "утро"), ("family", "семья"), ("father", "отец"), ("brother", "брат"),
-    ("sister", "сестра"), ("red", "красный"), ("green", "зелёный"), ("big", "большой"), ("small", "маленький"),
-    ("forest", "лес"), ("egg", "яйцо"), ("cheese", "сыр"), ("chair", "стул"), ("horse", "лошадь"),
+    ("window", "окно"), ("bird", "птица"), ("fish", "рыба"), ("sea", "море"), ("river", "река"),
+    ("snow", "снег"), ("night", "ночь"), ("family", "семья"), ("horse", "лошадь"),
 ]
 
-# (word, its opposite); each pair is asked in both directions.
+# (word, its opposite); asked one way.
 OPPOSITES_EN: list[tuple[str, str]] = [
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("day", "night"), ("light", "dark"),
     ("happy", "sad"), ("open", "closed"), ("early", "late"), ("full", "empty"), ("long", "short"),
-    ("strong", "weak"), ("rich", "poor"), ("wet", "dry"), ("easy", "difficult"), ("loud", "quiet"),
-    ("clean", "dirty"), ("left", "right"), ("first", "last"), ("inside", "outside"),
+    ("strong", "weak"), ("rich", "poor"), ("wet", "dry"),
 ]
 OPPOSITES_RU: list[tuple[str, str]] = [
     ("горячий", "холодный"), ("большой", "маленький"), ("быстрый", "медленный"), ("верх", "низ"),
     ("день", "ночь"), ("светлый", "тёмный"), ("весёлый", "грустный"), ("открытый", "закрытый"),
     ("рано", "поздно"), ("полный", "пустой"), ("длинный", "короткий"), ("сильный", "слабый"),
-    ("богатый", "бедный"), ("мокрый", "сухой"), ("простой", "сложный"), ("громкий", "тихий"),
-    ("чистый", "грязный"), ("левый", "правый"), ("вход", "выход"), ("друг", "враг"),
+    ("богатый", "бедный"), ("мокрый", "сухой"),
 ]
 
 DAYS_EN = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -127,8 +110,6 @@ MONTHS_RU = [
     ("июль", "июля", "июлем"), ("август", "августа", "августом"), ("сентябрь", "сентября", "сентябрём"),
     ("октябрь", "октября", "октябрём"), ("ноябрь", "ноября", "ноябрём"), ("декабрь", "декабря", "декабрём"),
 ]
-ORDINALS_EN = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
-               "eleventh", "twelfth"]
 
 # Words for letter counting (letters only, no hyphens, so len() is the letter count).
 LETTER_WORDS_EN = ["garden", "pencil", "river", "orange", "planet", "window", "coffee", "music", "island", "bridge",
@@ -136,8 +117,6 @@ LETTER_WORDS_EN = ["garden", "pencil", "river", "orange", "planet", "window", "c
 LETTER_WORDS_RU = ["окно", "молоко", "дерево", "книга", "солнце", "машина", "ромашка", "школа", "дорога", "яблоко",
                    "кот", "собака", "город", "весна", "лето", "зима", "тетрадь", "карандаш", "река", "улица"]
 
-# (English unit, English target, factor, Russian abbreviation, Russian target abbreviation, Russian target in the
-# genitive plural). Factors are exact integers, so every answer is exact.
 UNITS: list[tuple[str, str, int, str, str, str]] = [
     ("kilometers", "meters", 1000, "км", "м", "метров"),
     ("kilograms", "grams", 1000, "кг", "г", "граммов"),
@@ -147,7 +126,6 @@ UNITS: list[tuple[str, str, int, str, str, str]] = [
     ("liters", "milliliters", 1000, "л", "мл", "миллилитров"),
     ("days", "hours", 24, "сут", "ч", "часов"),
 ]
-
 SYSTEM_EN = [
     "You are a helpful assistant. Answer briefly.",
     "You are a friendly assistant. Keep answers short and correct.",
@@ -227,148 +205,156 @@ def qa(question: str, answer: str, system: str | None = None) -> Record:
     return chat(("user", question), ("assistant", answer), system=system)
 
 
-def cap(text: str) -> str:
-    """Upper-case the first character only (str.capitalize would lower-case the rest)."""
-    return text[:1].upper() + text[1:]
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Topics. Each returns a list of records; answers are computed from the facts above.
+# Question kinds. A kind is a list of facts (slot values), one answer form and several question phrasings, per
+# language. Training asks each fact in `per_fact` of the `train` phrasings; the held-out set asks some facts in a
+# `train` phrasing that fact was never asked in, and some in the `heldout` phrasings, which no training chat uses.
 # --------------------------------------------------------------------------------------------------------------
 
 
-def arithmetic(rng: random.Random) -> list[Record]:
-    """Sums, differences and products of small numbers; every answer contains the equation "a op b = c"."""
-    en = ["What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {op} {b}?", "{a} {op} {b} = ?",
-          "Please compute {a} {op} {b}.", "Can you tell me what {a} {op} {b} equals?"]
-    ru = ["Сколько будет {a} {op} {b}?", "Вычисли {a} {op} {b}.", "Посчитай, пожалуйста, {a} {op} {b}.",
-          "{a} {op} {b} = ?", "Чему равно {a} {op} {b}?", "Подскажи, сколько получится {a} {op} {b}?"]
-    ops: list[tuple[str, Callable[[int, int], int]]] = [("+", int.__add__), ("-", int.__sub__), ("×", int.__mul__)]
-    records = []
-    for lang, templates in (("en", en), ("ru", ru)):
-        for i in range(40):
-            op, fn = ops[i % 3]
-            a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "×" else (rng.randint(1, 99), rng.randint(1, 99))
-            if op == "-" and b > a:
-                a, b = b, a  # keep differences non-negative so the answers stay simple
-            eq = f"{a} {op} {b} = {fn(a, b)}"
-            answer = rng.choice([f"{eq}.", f"The answer is {eq}."] if lang == "en" else [f"{eq}.", f"Ответ: {eq}."])
-            records.append(qa(rng.choice(templates).format(a=a, op=op, b=b), answer))
-    return records
+@dataclass(frozen=True)
+class Kind:
+    """One kind of question in one language."""
+
+    name: str
+    lang: str  # "en" | "ru"
+    facts: list[dict[str, str]]  # slot values for the templates
+    answer: str  # the one answer form (a str.format template over the slots)
+    train: tuple[str, ...]  # question phrasings used in training
+    heldout: tuple[str, ...]  # question phrasings used only in heldout.jsonl
+    per_fact: int = 2  # training questions per fact (each in a different phrasing)
 
 
-def capitals(rng: random.Random) -> list[Record]:
-    """One English and one Russian question per country, in varied phrasings."""
-    records = []
-    for country, capital, ru_country, ru_gen, ru_capital in CAPITALS:
-        q_en = rng.choice([f"What is the capital of {country}?", f"Which city is the capital of {country}?",
-                           f"Name the capital of {country}.", f"Tell me the capital city of {country}."])
-        a_en = rng.choice([f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}.",
-                           f"It is {capital}."])
-        q_ru = rng.choice([f"Какая столица у страны {ru_country}?", f"Назови столицу {ru_gen}.",
-                           f"Какой город является столицей {ru_gen}?", f"Столица {ru_gen} — это какой город?"])
-        a_ru = rng.choice([f"Столица {ru_gen} — {ru_capital}.", f"{ru_capital} — столица {ru_gen}.",
-                           f"Это {ru_capital}."])
-        records.append(qa(q_en, a_en))
-        records.append(qa(q_ru, a_ru))
-    return records
+def arithmetic() -> list[Kind]:
+    """Sums of 1-9 and products of 2-9: the answer "a op b = c" is the same in both languages."""
+    facts = [{"a": str(a), "op": "+", "b": str(b), "c": str(a + b)} for a in range(1, 10) for b in range(1, 10)]
+    facts += [{"a": str(a), "op": "×", "b": str(b), "c": str(a * b)} for a in range(2, 10) for b in range(2, 10)]
+    answer = "{a} {op} {b} = {c}."
+    return [
+        Kind("arithmetic", "en", facts, answer,
+             ("What is {a} {op} {b}?", "Calculate {a} {op} {b}.", "How much is {a} {op} {b}?",
+              "Please compute {a} {op} {b}.", "What does {a} {op} {b} equal?"),
+             ("Can you tell me what {a} {op} {b} equals?",), per_fact=3),
+        Kind("arithmetic", "ru", facts, answer,
+             ("Сколько будет {a} {op} {b}?", "Вычисли {a} {op} {b}.", "Посчитай {a} {op} {b}.",
+              "Чему равно {a} {op} {b}?", "Сколько получится, если {a} {op} {b}?"),
+             ("Подскажи, сколько получится {a} {op} {b}?",), per_fact=3),
+    ]
 
 
-def translations(rng: random.Random) -> list[Record]:
-    """English->Russian asked in English and Russian->English asked in Russian, one of each per word."""
-    records = []
-    for en, ru in WORDS:
-        q_en = rng.choice([f'How do you say "{en}" in Russian?', f'Translate "{en}" into Russian.',
-                           f'What is the Russian word for "{en}"?'])
-        a_en = rng.choice([f'"{cap(en)}" in Russian is «{ru}».', f"The Russian word is «{ru}».", f"«{cap(ru)}»."])
-        q_ru = rng.choice([f"Как по-английски «{ru}»?", f"Переведи на английский слово «{ru}».",
-                           f"Как будет «{ru}» на английском?"])
-        a_ru = rng.choice([f"«{cap(ru)}» по-английски — {en}.", f"По-английски это {en}.", f"{cap(en)}."])
-        records.append(qa(q_en, a_en))
-        records.append(qa(q_ru, a_ru))
-    return records
+def capitals() -> list[Kind]:
+    """The capital of each country of CAPITALS; Russian questions name the country in the genitive."""
+    en = [{"country": c, "capital": k} for c, k, *_ in CAPITALS]
+    ru = [{"gen": g, "capital": k} for *_, g, k in CAPITALS]
+    return [
+        Kind("capital", "en", en, "The capital of {country} is {capital}.",
+             ("What is the capital of {country}?", "Which city is the capital of {country}?",
+              "Name the capital of {country}.", "Tell me the capital city of {country}."),
+             ("Do you know the capital of {country}?",), per_fact=3),
+        Kind("capital", "ru", ru, "Столица {gen} — {capital}.",
+             ("Какая столица у {gen}?", "Назови столицу {gen}.", "Какой город является столицей {gen}?",
+              "Столица {gen} — это какой город?"),
+             ("Скажи, какой город — столица {gen}?",), per_fact=3),
+    ]
 
 
-def calendar(rng: random.Random) -> list[Record]:
-    """The order of the days of the week and of the months, both directions and by number."""
-    records = []
-    for seq, noun in ((DAYS_EN, "day"), (MONTHS_EN, "month")):
-        n = len(seq)
-        for i, name in enumerate(seq):
-            nxt, prev = seq[(i + 1) % n], seq[(i - 1) % n]
-            records.append(qa(rng.choice([f"What {noun} comes after {name}?", f"Which {noun} follows {name}?"]),
-                              f"{nxt} comes after {name}."))
-            records.append(qa(rng.choice([f"What {noun} comes before {name}?", f"Which {noun} is just before {name}?"]),
-                              f"{prev} comes before {name}."))
-    for i, month in enumerate(MONTHS_EN):
-        records.append(qa(f"Which month is number {i + 1} in the year?",
-                          f"{month} is the {ORDINALS_EN[i]} month of the year."))
-    for seq, noun in ((DAYS_RU, "день недели"), (MONTHS_RU, "месяц")):
-        n = len(seq)
-        for i, (name, gen, ins) in enumerate(seq):
-            nxt, prev = seq[(i + 1) % n][0], seq[(i - 1) % n][0]
-            records.append(qa(rng.choice([f"Какой {noun} идёт после {gen}?", f"Что следует за {ins}?"]),
-                              f"После {gen} идёт {nxt}."))
-            records.append(qa(rng.choice([f"Какой {noun} идёт перед {ins}?", f"Что было перед {ins}?"]),
-                              f"Перед {ins} идёт {prev}."))
-    for i, (month, _, _) in enumerate(MONTHS_RU):
-        records.append(qa(f"Какой месяц в году идёт под номером {i + 1}?", f"Под номером {i + 1} идёт {month}."))
-    return records
+def translations() -> list[Kind]:
+    """English to Russian asked in English, Russian to English asked in Russian, for every word of WORDS."""
+    facts = [{"en": en, "ru": ru} for en, ru in WORDS]
+    return [
+        Kind("translation", "en", facts, 'In Russian, "{en}" is «{ru}».',
+             ('How do you say "{en}" in Russian?', 'Translate "{en}" into Russian.',
+              'What is the Russian word for "{en}"?'),
+             ('What is "{en}" in Russian?',)),
+        Kind("translation", "ru", facts, "По-английски «{ru}» — {en}.",
+             ("Как по-английски «{ru}»?", "Переведи на английский слово «{ru}».", "Как будет «{ru}» на английском?"),
+             ("Как сказать «{ru}» по-английски?",)),
+    ]
 
 
-def opposites(rng: random.Random) -> list[Record]:
-    """Antonyms in both directions; a subset is sampled so this topic does not dominate."""
-    records = []
-    for a, b in OPPOSITES_EN:
-        for w, o in rng.sample([(a, b), (b, a)], 1):
-            q = rng.choice([f'What is the opposite of "{w}"?', f'Give me an antonym for "{w}".',
-                            f'What word means the opposite of "{w}"?'])
-            records.append(qa(q, rng.choice([f'The opposite of "{w}" is "{o}".', f'"{cap(o)}".'])))
-    for a, b in OPPOSITES_RU:
-        for w, o in rng.sample([(a, b), (b, a)], 1):
-            q = rng.choice([f"Какое слово противоположно слову «{w}»?", f"Назови антоним к слову «{w}».",
-                            f"Антоним слова «{w}»?"])
-            records.append(qa(q, rng.choice([f"Антоним слова «{w}» — «{o}».", f"«{cap(o)}»."])))
-    return records
+def calendar() -> list[Kind]:
+    """The day of the week or the month that comes after another one (the order wraps: December -> January)."""
+    kinds = []
+    for noun, seq in (("day", DAYS_EN), ("month", MONTHS_EN)):
+        after = [{"x": x, "y": seq[(i + 1) % len(seq)]} for i, x in enumerate(seq)]
+        kinds.append(Kind("calendar", "en", after, f"The {noun} after {{x}} is {{y}}.",
+                          (f"What {noun} comes after {{x}}?", f"Which {noun} follows {{x}}?",
+                           f"What is the {noun} after {{x}}?", f"Which {noun} is next after {{x}}?"),
+                          (f"Tell me the {noun} after {{x}}.",), per_fact=3))
+    for noun, seq in (("день", DAYS_RU), ("месяц", MONTHS_RU)):
+        after = [{"gen": gen, "y": seq[(i + 1) % len(seq)][0]} for i, (_, gen, _) in enumerate(seq)]
+        kinds.append(Kind("calendar", "ru", after, "После {gen} идёт {y}.",
+                          (f"Какой {noun} идёт после {{gen}}?", "Что идёт после {gen}?",
+                           f"Какой {noun} будет после {{gen}}?", f"Какой {noun} наступает после {{gen}}?"),
+                          (f"Назови {noun} после {{gen}}.",), per_fact=3))
+    return kinds
 
 
-def units(rng: random.Random) -> list[Record]:
-    """Conversions with exact integer factors (km->m, kg->g, hours->minutes, ...)."""
-    records = []
-    for src, dst, factor, ru_src, ru_dst, ru_dst_gen in UNITS:
-        for n in rng.sample(range(2, 20), 3):
-            q_en = rng.choice([f"How many {dst} are in {n} {src}?", f"Convert {n} {src} to {dst}.",
-                               f"{n} {src} is how many {dst}?"])
-            records.append(qa(q_en, f"{n} {src} is {n * factor} {dst}."))
-            q_ru = rng.choice([f"Переведи {n} {ru_src} в {ru_dst}.", f"{n} {ru_src} — это сколько {ru_dst_gen}?",
-                               f"Сколько {ru_dst_gen} в {n} {ru_src}?"])
-            records.append(qa(q_ru, f"{n} {ru_src} = {n * factor} {ru_dst}."))
-    return records
+def opposites() -> list[Kind]:
+    """Antonyms, each pair asked one way (word -> opposite), so that a question has one answer to learn."""
+    en = [{"w": w, "o": o} for w, o in OPPOSITES_EN]
+    ru = [{"w": w, "o": o} for w, o in OPPOSITES_RU]
+    return [
+        Kind("opposite", "en", en, 'The opposite of "{w}" is "{o}".',
+             ('What is the opposite of "{w}"?', 'Give me an antonym for "{w}".',
+              'What word means the opposite of "{w}"?', 'What is an antonym of "{w}"?'),
+             ('Name the opposite of "{w}".',), per_fact=3),
+        Kind("opposite", "ru", ru, "Антоним слова «{w}» — «{o}».",
+             ("Какое слово противоположно слову «{w}»?", "Назови антоним к слову «{w}».", "Антоним слова «{w}»?",
+              "Какой антоним у слова «{w}»?"),
+             ("Подбери антоним к слову «{w}».",), per_fact=3),
+    ]
 
 
-def letters(rng: random.Random) -> list[Record]:
-    """Letter counts of short words (len() of a word made of letters only)."""
-    records = []
-    for w in LETTER_WORDS_EN:
-        q = rng.choice([f'How many letters are in the word "{w}"?', f'Count the letters in "{w}".'])
-        records.append(qa(q, f'The word "{w}" has {len(w)} letters.'))
-    for w in LETTER_WORDS_RU:
-        q = rng.choice([f"Сколько букв в слове «{w}»?", f"Посчитай буквы в слове «{w}»."])
-        n = len(w)
-        records.append(qa(q, f"В слове «{w}» {n} {ru_plural(n, 'буква', 'буквы', 'букв')}."))
-    return records
+def letters() -> list[Kind]:
+    """Letter counts of the words of LETTER_WORDS_* (len() of a word made of letters only)."""
+    en = [{"w": w, "n": str(len(w))} for w in LETTER_WORDS_EN]
+    ru = [{"w": w, "n": str(len(w)), "unit": ru_plural(len(w), "буква", "буквы", "букв")} for w in LETTER_WORDS_RU]
+    return [
+        Kind("letters", "en", en, 'The word "{w}" has {n} letters.',
+             ('How many letters are in the word "{w}"?', 'Count the letters in "{w}".',
+              'How long is the word "{w}" in letters?'),
+             ('How many letters does "{w}" have?',)),
+        Kind("letters", "ru", ru, "В слове «{w}» {n} {unit}.",
+             ("Сколько букв в слове «{w}»?", "Посчитай буквы в слове «{w}».", "Из скольких букв состоит слово «{w}»?"),
+             ("Какова длина слова «{w}» в буквах?",)),
+    ]
 
 
-def parity(rng: random.Random) -> list[Record]:
-    """Even or odd for distinct numbers."""
-    records = []
-    for n in rng.sample(range(1, 200), 20):
-        q = rng.choice([f"Is {n} even or odd?", f"Is the number {n} even?", f"Tell me if {n} is odd or even."])
-        records.append(qa(q, f"{n} is {'even' if n % 2 == 0 else 'odd'}."))
-    for n in rng.sample(range(1, 200), 20):
-        q = rng.choice([f"Число {n} чётное или нечётное?", f"{n} — чётное число?", f"Определи чётность числа {n}."])
-        records.append(qa(q, f"{n} — {'чётное' if n % 2 == 0 else 'нечётное'} число."))
-    return records
+KINDS: list[Callable[[], list[Kind]]] = [arithmetic, capitals, translations, calendar, opposites, letters]
+HELDOUT_PER_KIND = 8  # held-out questions per kind and language: half new combinations, half new phrasings
+
+
+def questions(rng: random.Random) -> tuple[list[Record], list[Record]]:
+    """Training records and held-out questions of every kind: (chats, heldout).
+
+    For each fact the training phrasings are shuffled: the first ``per_fact`` are trained on and the next one is
+    that fact's unseen combination. Held-out facts are still trained on (in other phrasings): the held-out set
+    tests asking, not knowing something never shown.
+    """
+    records: list[Record] = []
+    heldout: list[Record] = []
+    for make in KINDS:
+        groups: dict[str, list[tuple[Kind, dict[str, str], str]]] = {}  # lang -> (kind, fact, unseen phrasing)
+        for kind in make():
+            systems = SYSTEM_EN if kind.lang == "en" else SYSTEM_RU
+            for fact in kind.facts:
+                phrasings = rng.sample(kind.train, len(kind.train))
+                answer = kind.answer.format(**fact)
+                for phrasing in phrasings[:kind.per_fact]:
+                    # About a fifth get a system prompt, so the model sees both shapes.
+                    system = rng.choice(systems) if rng.random() < 0.2 else None
+                    records.append(qa(phrasing.format(**fact), answer, system=system))
+                groups.setdefault(kind.lang, []).append((kind, fact, phrasings[kind.per_fact]))
+        for lang, candidates in groups.items():
+            picked = rng.sample(candidates, HELDOUT_PER_KIND)
+            for i, (kind, fact, unseen) in enumerate(picked):
+                split = "combination" if i % 2 == 0 else "phrasing"
+                phrasing = unseen if split == "combination" else rng.choice(kind.heldout)
+                heldout.append({"messages": [{"role": "user", "content": phrasing.format(**fact)}],
+                                "answer": kind.answer.format(**fact), "kind": kind.name, "lang": lang,
+                                "split": split})
+    return records, heldout
 
 
 def small_talk(rng: random.Random) -> list[Record]:
@@ -382,17 +368,15 @@ def small_talk(rng: random.Random) -> list[Record]:
 
 
 def dialogues(rng: random.Random) -> list[Record]:
-    """Two-turn dialogues: a fact, then a follow-up that depends on the first answer."""
+    """Two-turn dialogues: a fact, then a follow-up about another one, in the kinds' answer forms."""
     records = []
-    for _ in range(10):
-        a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 5)
+    for _ in range(8):
+        a, b, c, d = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
         records.append(chat(("user", f"What is {a} + {b}?"), ("assistant", f"{a} + {b} = {a + b}."),
-                            ("user", f"And if we multiply that by {c}?"),
-                            ("assistant", f"{a + b} × {c} = {(a + b) * c}.")))
-        a, b, c = rng.randint(2, 30), rng.randint(2, 30), rng.randint(2, 5)
+                            ("user", f"And {c} + {d}?"), ("assistant", f"{c} + {d} = {c + d}.")))
+        a, b, c, d = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)
         records.append(chat(("user", f"Сколько будет {a} + {b}?"), ("assistant", f"{a} + {b} = {a + b}."),
-                            ("user", f"А если умножить это на {c}?"),
-                            ("assistant", f"{a + b} × {c} = {(a + b) * c}.")))
+                            ("user", f"А {c} + {d}?"), ("assistant", f"{c} + {d} = {c + d}.")))
     for (c1, k1, _, g1, r1), (c2, k2, _, g2, r2) in zip(rng.sample(CAPITALS, 8), rng.sample(CAPITALS, 8)):
         if c1 == c2:
             continue
@@ -405,7 +389,6 @@ def dialogues(rng: random.Random) -> list[Record]:
     return records
 
 
-# --------------------------------------------------------------------------------------------------------------
 # Tool use, in impruver's canonical roles: function_call (content: JSON {"name", "arguments"}), function_response
 # (content: the tool's JSON result), then the assistant's answer built from that result.
 # --------------------------------------------------------------------------------------------------------------
@@ -484,46 +467,64 @@ def tool_use(rng: random.Random) -> list[Record]:
     return records
 
 
-TOPICS: list[Callable[[random.Random], list[Record]]] = [
-    arithmetic, capitals, translations, calendar, opposites, units, letters, parity, small_talk, dialogues, tool_use,
-]
-
-
-def build(seed: int = SEED) -> list[Record]:
-    """All demo records, in topic order, from one seeded random generator."""
+def build(seed: int = SEED) -> tuple[list[Record], list[Record]]:
+    """All training records, in topic order, and the held-out questions, from one seeded random generator."""
     rng = random.Random(seed)
-    return [record for topic in TOPICS for record in topic(rng)]
+    records, heldout = questions(rng)
+    unseen = {q["messages"][0]["content"] for q in heldout}  # type: ignore[index]
+    # A dialogue's opening question may happen to be a held-out one: such dialogues are left out.
+    records += small_talk(rng) + [r for r in dialogues(rng) if not _users(r) & unseen] + tool_use(rng)
+    leaked = set().union(*(_users(r) & unseen for r in records))
+    assert not leaked, f"held-out questions also asked in training: {sorted(leaked)[:3]}"
+    return records, heldout
+
+
+def _users(record: Record) -> set[str]:
+    return {m["content"] for m in record["messages"] if m["role"] == "user"}  # type: ignore[attr-defined]
+
+
+def _jsonl(records: list[Record], *, sort: bool) -> str:
+    lines = [json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) for record in records]
+    lines = sorted(set(lines)) if sort else lines
+    return "".join(line + "\n" for line in lines)
 
 
 def render(seed: int = SEED) -> str:
-    """The demo file's text: one JSON object per line, deduplicated exactly, sorted so the output is stable."""
-    lines = {json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) for record in build(seed)}
-    return "".join(line + "\n" for line in sorted(lines))
+    """The chats file's text: one JSON object per line, deduplicated exactly, sorted so the output is stable."""
+    return _jsonl(build(seed)[0], sort=True)
+
+
+def render_heldout(seed: int = SEED) -> str:
+    """The held-out questions' text: one {"messages", "answer", "kind", "lang", "split"} per line, by kind."""
+    return _jsonl(build(seed)[1], sort=False)
 
 
 def write(path: Path = OUTPUT, seed: int = SEED) -> None:
-    """Write the demo file atomically (a temp file then os.replace), as UTF-8 with "\\n" line ends."""
+    """Write the chats to ``path`` and the held-out questions beside it, atomically, UTF-8 with "\\n" line ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(render(seed).encode("utf-8"))
-    os.replace(tmp, path)
+    for target, text in ((path, render(seed)), (path.with_name(HELDOUT), render_heldout(seed))):
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp.write_bytes(text.encode("utf-8"))
+        os.replace(tmp, target)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: write chats.jsonl (or --out PATH), or --check that the committed file is up to date."""
+    """Command line: write chats.jsonl and heldout.jsonl (or --out PATH and heldout.jsonl beside it), or --check."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=OUTPUT, help="where to write (default: chats.jsonl here)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
+    parser.add_argument("--out", type=Path, default=OUTPUT, help="where to write the chats (default: chats.jsonl "
+                        "here); heldout.jsonl goes beside it")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file differs from what would be written")
     args = parser.parse_args(argv)
     if args.check:
-        current = args.out.read_bytes() if args.out.exists() else b""
-        if current != render().encode("utf-8"):
-            print(f"{args.out} is out of date; run: python -m impruver.assets.demo.make_demo", file=sys.stderr)
-            return 1
-        print(f"{args.out} is up to date.")
-        return 0
+        stale = [path for path, text in ((args.out, render()), (args.out.with_name(HELDOUT), render_heldout()))
+                 if (path.read_bytes() if path.exists() else b"") != text.encode("utf-8")]
+        for path in stale:
+            print(f"{path} is out of date; run: python -m impruver.assets.demo.make_demo", file=sys.stderr)
+        if not stale:
+            print(f"{args.out} and {HELDOUT} are up to date.")
+        return 1 if stale else 0
     write(args.out)
-    print(f"Wrote {args.out}")
+    print(f"Wrote {args.out} and {args.out.with_name(HELDOUT)}")
     return 0
 
 
