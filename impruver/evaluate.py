@@ -31,11 +31,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from impruver.errors import DataError, RunError
 from impruver.files import atomic_write_text
 from impruver.layout import RunLayout
+from impruver.plan.schema import EvalSpec
 
 if TYPE_CHECKING:
     from impruver.plan import Plan
@@ -46,16 +45,6 @@ TRAILING = ".,;:!?…。»\"' \t\n"  # stripped from the end before comparing (a
 NORMALISATION = ("Unicode NFC; case folded; whitespace runs -> one space; trailing punctuation, quotes and "
                  "spaces removed")
 _SPACES = re.compile(r"\s+")
-
-
-class EvalSpec(BaseModel):
-    """What to ask and how much to show (``eval:``). Frozen; unknown keys are errors."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    questions: str | None = None  # a JSONL question file, or "demo" (the demo's held-out set); None: no check
-    max_new_tokens: int = Field(default=64, gt=0)  # reply length cap, in tokens
-    show: int = Field(default=8, ge=0)  # example replies printed in the table (wrong ones first)
 
 
 @dataclass(frozen=True)
@@ -162,13 +151,13 @@ def _question(record: Any, number: int) -> Question:
 # -- the stage -------------------------------------------------------------------------------------------------
 
 
-def run(plan: Plan, *, questions: str | None = None, spec: EvalSpec | None = None) -> dict[str, Any]:
+def run(plan: Plan, spec: EvalSpec | None = None, *, questions: str | None = None) -> dict[str, Any]:
     """Answer every question of a file with the model ``plan.output_dir`` holds, greedily; score, print, save.
 
     Args:
-        plan: the validated plan; ``plan.eval`` (when the schema has it) gives the defaults.
+        plan: the validated plan; ``plan.eval`` gives the defaults.
         questions: a question file or ``demo``; overrides the spec's.
-        spec: the eval settings; default ``plan.eval``, else :class:`EvalSpec`'s defaults.
+        spec: the eval settings; default ``plan.eval``.
 
     Returns:
         The summary written to ``<output_dir>/eval.json``: accuracy, per-group accuracy, settings and every result.
@@ -179,7 +168,7 @@ def run(plan: Plan, *, questions: str | None = None, spec: EvalSpec | None = Non
     """
     from impruver.chat.load import locate
 
-    spec = spec or getattr(plan, "eval", None) or EvalSpec()  # plan.eval once the schema holds it
+    spec = spec or plan.eval
     source = questions or spec.questions
     if not source:
         raise RunError(f"no questions to ask: set eval.questions=PATH (a JSONL of prompt/answer lines) or "

@@ -4,6 +4,8 @@
 (``run_job`` adds the run summary a sweep reads back):
 
     main / train:  compose the data if missing or stale -> freeze plan.yaml -> train here, or start the workers
+    main:          ... then the check the plan names (``eval.questions``: the demo's held-out questions)
+    eval:          ask a question file greedily, score exact match
     compose:       compose the data (again with --force)
     chat / serve / export: use what a run left
 
@@ -24,7 +26,7 @@ from impruver.errors import ConfigError, Problem, choices_hint
 if TYPE_CHECKING:
     from impruver.plan import Plan
 
-STAGES = ("compose", "train", "chat", "serve", "export")
+STAGES = ("compose", "train", "chat", "serve", "export", "eval")
 
 
 def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
@@ -41,6 +43,20 @@ def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     return train(plan)
 
 
+def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
+    """The main job (``impruver [overrides]``): train, then ask the model the plan's questions (``eval``), once,
+    in this process, when training has ended; the summary gets the accuracy."""
+    from impruver import launch
+
+    result = train_job(plan, force=force)
+    if plan.eval.questions and not launch.under_launcher():
+        from impruver.evaluate import run as evaluate
+
+        checked = evaluate(plan)
+        result = {**result, "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"]}
+    return result
+
+
 def prepare(plan: Plan, *, force: bool = False) -> None:
     """The composed data up to date (recomposed with ``force``) and ``plan.yaml`` frozen in the output folder."""
     from impruver.data import pipeline
@@ -55,12 +71,13 @@ def prepare(plan: Plan, *, force: bool = False) -> None:
 # Each stage's run function, imported only when it runs (the recipes import torch). Its keyword-only
 # parameters are the stage's command-line flags: chat's `prompt` is `--prompt`, compose's `force` `--force`.
 STAGE_FUNCTIONS = {
-    "main": "impruver.jobs:train_job",
+    "main": "impruver.jobs:main_job",
     "train": "impruver.jobs:train_job",
     "compose": "impruver.data.pipeline:run",
     "chat": "impruver.chat.repl:run",
     "serve": "impruver.chat.server:run",
     "export": "impruver.train.export:run",
+    "eval": "impruver.evaluate:run",
 }
 
 
@@ -119,5 +136,5 @@ def write_run_summary(plan: Plan, result: Any, overrides: list[str]) -> None:
     atomic_write_text(RunLayout.of(plan.output_dir).run_summary, json.dumps(record, indent=2, ensure_ascii=False))
 
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags",
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "main_job", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags",
            "stage_function", "train_job", "write_run_summary"]

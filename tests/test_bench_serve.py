@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from test_bench import BENCH, run_bench
 
 
@@ -12,5 +11,7 @@ def test_serve_bench_reports_each_client_count_and_the_ratio() -> None:
     assert set(report["results"]) == {"1", "8"}
     for clients, result in report["results"].items():
         assert result["requests"] == int(clients) and result["requests_per_s"] > 0
-        assert result["tokens_per_s"] == pytest.approx(4 * result["requests"] / result["seconds"], rel=0.02, abs=0.2)
+        # At most 4 tokens a request: a random model may end a reply early with its EOS token.
+        ceiling = 4 * result["requests"] / result["seconds"]
+        assert 0 < result["tokens_per_s"] <= ceiling * 1.02 + 0.2
     assert report["ratio_8_to_1"] > 0

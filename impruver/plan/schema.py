@@ -209,6 +209,14 @@ class ChatSpec(Spec):
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
 
 
+class EvalSpec(Spec):
+    """What to ask and how much to show (``eval:``). Frozen; unknown keys are errors."""
+
+    questions: str | None = None  # a JSONL question file, or "demo" (the demo's held-out set); None: no check
+    max_new_tokens: int = Field(default=64, gt=0)  # reply length cap, in tokens
+    show: int = Field(default=8, ge=0)  # example replies printed in the table (wrong ones first)
+
+
 class MemoryEstimate(Spec):
     """Peak GPU memory per device, in GiB, as estimated before anything loads."""
 
@@ -241,6 +249,7 @@ class Plan(Spec):
     hardware: HardwareSpec
     train: TrainSpec
     chat: ChatSpec = ChatSpec()
+    eval: EvalSpec = EvalSpec()  # the check a run ends with (impruver eval)
     memory: MemoryEstimate | None = None
 
     @field_validator("method", mode="before")
