@@ -208,9 +208,31 @@ def _require(value: Tensor | None, what: str, objective: str) -> Tensor:
 # The objectives
 # ----------------------------------------------------------------------------------------------------------------
 
+class _Builtin:
+    """What the built-in objectives share: the traits of a pairwise preference objective with a reference model
+    (each overrides what differs), the reference check, and the memory rule."""
+
+    options: Any
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = True
+    pairs: ClassVar[bool] = True
+    preference: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
+    sequences_per_sample: ClassVar[int] = 2  # sequences per sample whose activations are kept for backward
+
+    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
+        return _check_reference(self, adapter=adapter, key=key)
+
+    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
+        ref = 0.0
+        if self.needs_reference and isinstance(self.options, ReferenceOptions):
+            ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
+        return ObjectiveMemory(reference_bytes=ref, sequences_per_sample=self.sequences_per_sample)
+
+
 @objectives.register("sft")
 @dataclass(frozen=True)
-class Sft:
+class Sft(_Builtin):
     """Supervised fine-tuning: the mean negative log-likelihood of the answer tokens (token-weighted).
 
     impruver's SFT recipe computes this with ``TokenLoss`` on packed rows; ``loss`` here gives the same value from
@@ -224,12 +246,7 @@ class Sft:
     pairs: ClassVar[bool] = False
     preference: ClassVar[bool] = False
     accepts: ClassVar[frozenset[str]] = frozenset({"conversation"})
-
-    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
-        return _check_reference(self, adapter=adapter, key=key)
-
-    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
-        return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=1)
+    sequences_per_sample: ClassVar[int] = 1
 
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None = None,
              ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None, *,
@@ -240,7 +257,7 @@ class Sft:
 
 @objectives.register("dpo")
 @dataclass(frozen=True)
-class Dpo:
+class Dpo(_Builtin):
     """Direct Preference Optimization (Rafailov et al. 2023), sigmoid loss, with conservative label smoothing
     (cDPO): ``-(1-e) log sig(beta d) - e log sig(-beta d)``, ``d`` = chosen minus rejected policy/reference
     log-ratio of the summed answer log-probs. Mean over pairs."""
@@ -248,17 +265,6 @@ class Dpo:
     options: DpoOptions = DpoOptions()
     name: ClassVar[str] = "dpo"
     Options: ClassVar[type[BaseModel]] = DpoOptions
-    needs_reference: ClassVar[bool] = True
-    pairs: ClassVar[bool] = True
-    preference: ClassVar[bool] = True
-    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
-
-    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
-        return _check_reference(self, adapter=adapter, key=key)
-
-    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
-        ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
-        return ObjectiveMemory(reference_bytes=ref, sequences_per_sample=2)
 
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None,
              ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *,
@@ -274,7 +280,7 @@ class Dpo:
 
 @objectives.register("ipo")
 @dataclass(frozen=True)
-class Ipo:
+class Ipo(_Builtin):
     """Identity Preference Optimization (Azar et al. 2023, eq. 17): ``(h - 1/(2 beta))^2`` with ``h`` the
     difference of the chosen and rejected log-ratios, each averaged over its answer's tokens (as TRL does, with
     the IPO authors' agreement, so beta means the same at any answer length). Rewards use the summed ratios."""
@@ -282,17 +288,6 @@ class Ipo:
     options: IpoOptions = IpoOptions()
     name: ClassVar[str] = "ipo"
     Options: ClassVar[type[BaseModel]] = IpoOptions
-    needs_reference: ClassVar[bool] = True
-    pairs: ClassVar[bool] = True
-    preference: ClassVar[bool] = True
-    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
-
-    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
-        return _check_reference(self, adapter=adapter, key=key)
-
-    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
-        ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
-        return ObjectiveMemory(reference_bytes=ref, sequences_per_sample=2)
 
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None,
              ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *,
@@ -308,7 +303,7 @@ class Ipo:
 
 @objectives.register("orpo")
 @dataclass(frozen=True)
-class Orpo:
+class Orpo(_Builtin):
     """Odds Ratio Preference Optimization (Hong et al. 2024), no reference model: the chosen answers' NLL (mean
     over their tokens) minus ``lambda`` times the mean log-sigmoid of the log odds ratio of the length-averaged
     log-probs. The NLL covers the answer tokens only (the trained span; the prompt is never trained)."""
@@ -317,15 +312,6 @@ class Orpo:
     name: ClassVar[str] = "orpo"
     Options: ClassVar[type[BaseModel]] = OrpoOptions
     needs_reference: ClassVar[bool] = False
-    pairs: ClassVar[bool] = True
-    preference: ClassVar[bool] = True
-    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
-
-    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
-        return _check_reference(self, adapter=adapter, key=key)
-
-    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
-        return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=2)
 
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None,
              ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None, *,
@@ -347,7 +333,7 @@ class Orpo:
 
 @objectives.register("simpo")
 @dataclass(frozen=True)
-class Simpo:
+class Simpo(_Builtin):
     """Simple Preference Optimization (Meng et al. 2024), no reference model:
     ``-log sig(beta (avg_chosen - avg_rejected) - gamma)`` with length-averaged log-probs."""
 
@@ -355,15 +341,6 @@ class Simpo:
     name: ClassVar[str] = "simpo"
     Options: ClassVar[type[BaseModel]] = SimpoOptions
     needs_reference: ClassVar[bool] = False
-    pairs: ClassVar[bool] = True
-    preference: ClassVar[bool] = True
-    accepts: ClassVar[frozenset[str]] = frozenset({"pair"})
-
-    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
-        return _check_reference(self, adapter=adapter, key=key)
-
-    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
-        return ObjectiveMemory(reference_bytes=0.0, sequences_per_sample=2)
 
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None,
              ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None, *,
@@ -380,7 +357,7 @@ class Simpo:
 
 @objectives.register("kto")
 @dataclass(frozen=True)
-class Kto:
+class Kto(_Builtin):
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024, eq. 7) on unpaired, labelled answers.
 
     "chosen" are the desirable answers of the batch [n], "rejected" the undesirable ones [m] (n, m may differ,
@@ -393,18 +370,11 @@ class Kto:
     options: KtoOptions = KtoOptions()
     name: ClassVar[str] = "kto"
     Options: ClassVar[type[BaseModel]] = KtoOptions
-    needs_reference: ClassVar[bool] = True
     pairs: ClassVar[bool] = False
-    preference: ClassVar[bool] = True
     accepts: ClassVar[frozenset[str]] = frozenset({"labelled", "pair"})
 
-    def check(self, *, adapter: bool, key: str = "objective") -> list[Problem]:
-        return _check_reference(self, adapter=adapter, key=key)
-
-    def memory(self, *, n_params: int, adapter: bool, compute_bytes: float) -> ObjectiveMemory:
-        ref = _reference_bytes(self.options, n_params=n_params, adapter=adapter, compute_bytes=compute_bytes)
-        # one answer per sample is trained; the KL answers run without gradient (no activations kept)
-        return ObjectiveMemory(reference_bytes=ref, sequences_per_sample=1)
+    # one answer per sample is trained; the KL answers run without gradient (no activations kept)
+    sequences_per_sample: ClassVar[int] = 1
 
     def loss(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor | None,
              ref_chosen_logps: Tensor | None, ref_rejected_logps: Tensor | None, *,
