@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from impruver.errors import RunError
+from impruver.layout import RunLayout
 
 log = logging.getLogger("impruver")
-METRICS_FILE = "metrics.jsonl"
-CURVE_FILE = "loss.png"
 
 
 def check_reporters(report_to: list[str]) -> None:
@@ -36,7 +35,7 @@ class MetricsWriter:
     def __init__(self, output_dir: str | Path, *, enabled: bool, report_to: list[str], resume_step: int,
                  run_name: str, config: dict[str, Any]) -> None:
         self.enabled = enabled
-        self.path = Path(output_dir) / METRICS_FILE
+        self.path = RunLayout.of(output_dir).metrics
         self._wandb: Any = None
         self._tb: Any = None
         if not enabled:
@@ -109,7 +108,7 @@ def plot_loss(output_dir: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(Path(output_dir) / METRICS_FILE)
+    records = read_metrics(RunLayout.of(output_dir).metrics)
     train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
@@ -121,7 +120,7 @@ def plot_loss(output_dir: str | Path) -> Path | None:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    target = Path(output_dir) / CURVE_FILE
+    target = RunLayout.of(output_dir).loss_plot
     tmp = target.with_name(".loss.tmp.png")
     fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
