@@ -134,7 +134,7 @@ def run_clients(port: int, clients: int, requests: int, max_tokens: int) -> dict
     elapsed = time.perf_counter() - started
     if failures:
         raise SystemExit(f"{len(failures)} requests failed with {clients} clients: {failures[:3]}")
-    return {"clients": clients, "requests": len(latencies), "seconds": round(elapsed, 3),
+    return {"clients": clients, "requests": len(latencies), "seconds": round(elapsed, 6),  # rates derive from it
             "requests_per_s": round(len(latencies) / elapsed, 3),
             "tokens_per_s": round(sum(tokens) / elapsed, 1),
             "mean_latency_s": round(sum(latencies) / len(latencies), 4),
