@@ -166,7 +166,7 @@ class GPT2:
 
         return AutoConfig.for_model(
             "gpt2", n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_inner=arch.n_inner,
-            n_positions=arch.n_positions, vocab_size=vocab_size, resid_pdrop=arch.dropout,
+            n_positions=arch.n_positions, n_ctx=arch.n_positions, vocab_size=vocab_size, resid_pdrop=arch.dropout,
             embd_pdrop=arch.dropout, attn_pdrop=arch.dropout, tie_word_embeddings=arch.tie_word_embeddings,
             **special,
         )

@@ -60,7 +60,9 @@ def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
 def prepare(plan: Plan, *, force: bool = False) -> None:
     """The composed data up to date (recomposed with ``force``) and ``plan.yaml`` frozen in the output folder."""
     from impruver.data import pipeline
+    from impruver.plan.probes import check_hub
 
+    check_hub(plan)  # every Hub id this machine lacks, at once, before anything is composed or loaded
     if force:
         pipeline.run(plan, force=True)
     else:

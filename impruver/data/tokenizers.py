@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from impruver.errors import ConfigError, Problem, RunError
@@ -129,6 +131,36 @@ def build_tokenizer(spec: Any, *, texts: Iterable[str] | None = None) -> Any:
                                    "file, or Jinja source)")])
     tokenizer.chat_template = template
     return tokenizer
+
+
+# transformers 5 saves a tokenizer built on a `tokenizers` object (impruver's trained BPE, and any loaded without a
+# class of its own) as "TokenizersBackend", a class transformers 4.57 (and tools pinned to it, such as llama.cpp's
+# converter) does not know; PreTrainedTokenizerFast is the same class under the name every version since 4.x loads.
+# is_local / local_files_only record how this process loaded it, not what the folder is: they are dropped.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+LOAD_TIME_KEYS = ("is_local", "local_files_only")
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> Path:
+    """``tokenizer.save_pretrained(folder)``, with a ``tokenizer_config.json`` every transformers since 4.57 loads.
+
+    Returns:
+        The folder.
+    """
+    from impruver.files import atomic_write_text
+
+    folder = Path(folder)
+    tokenizer.save_pretrained(folder)
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return folder
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") == "TokenizersBackend" and (folder / "tokenizer.json").is_file():
+        config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    for key in LOAD_TIME_KEYS:
+        config.pop(key, None)
+    atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+    return folder
 
 
 def special_tokens_of(tokenizer: Any) -> dict[str, str]:

@@ -2,8 +2,9 @@
 
 Components say what they need (``requires``: importable module names, e.g. a method's or an optimizer's
 ``("bitsandbytes",)``, a strategy's ``("deepspeed",)``); this module only looks whether it is installed, and
-whether a CUDA driver is visible for a GPU hardware profile. ``impruver plan`` shows these as warnings; a run
-refuses to start.
+whether a CUDA driver is visible for a GPU hardware profile, and which of the plan's Hugging Face Hub ids this
+machine can neither find in its cache nor fetch (one short probe, see :mod:`impruver.hub`). ``impruver plan`` shows
+these as warnings; a run refuses to start, before composing anything.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from impruver import registry
 from impruver.errors import Problem
 
 if TYPE_CHECKING:
+    from impruver.hub import HubRef
     from impruver.plan.schema import Plan
 
 
@@ -41,7 +43,38 @@ def environment_problems(plan: Plan) -> list[Problem]:
     if plan.hardware.device == "cuda" and not has_nvidia_driver():
         problems.append(Problem("hardware", f"profile '{plan.hardware.name}' needs a CUDA GPU and none is visible "
                                 "here; use hardware=cpu to run on this machine"))
+    problems += hub_problems(plan)
     return problems
+
+
+def hub_refs(plan: Plan) -> list[HubRef]:
+    """Every Hub id the plan names: the model, the tokenizer, each enabled dataset source (local paths left out)."""
+    from impruver.hub import HubRef, is_local
+
+    named: list[tuple[str, str | None, str]] = [("model.path", plan.model.path, "model"),
+                                                ("tokenizer.path", plan.tokenizer.path, "model")]
+    named += [(f"dataset.sources.{name}.path", source.path, "dataset") for name, source in plan.sources.items()]
+    return [HubRef(key, path, kind) for key, path, kind in named  # type: ignore[arg-type]
+            if path and not is_local(path)]
+
+
+def hub_problems(plan: Plan) -> list[Problem]:
+    """One problem per Hub id that is neither cached nor reachable (one probe for all of them, no retries)."""
+    from impruver.hub import download_command, missing
+
+    refs, why = missing(hub_refs(plan))
+    return [Problem(r.key, f"'{r.repo_id}' is a Hugging Face Hub {r.repo_type} id, not in this machine's cache, and "
+                    f"{why}: download it ({download_command(r.repo_id, r.repo_type)}) and set {r.key}=DIR")
+            for r in refs]
+
+
+def check_hub(plan: Plan) -> None:
+    """Raise one error naming every Hub id of the plan this machine lacks, before anything is composed or loaded."""
+    from impruver.hub import missing, missing_error
+
+    refs, why = missing(hub_refs(plan))
+    if refs:
+        raise missing_error(refs, why)
 
 
 def _kind(key: str) -> str:
@@ -53,4 +86,4 @@ def has_nvidia_driver() -> bool:
     return Path("/proc/driver/nvidia").exists() or os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
 
 
-__all__ = ["environment_problems", "has_nvidia_driver"]
+__all__ = ["check_hub", "environment_problems", "has_nvidia_driver", "hub_problems", "hub_refs"]

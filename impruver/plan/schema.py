@@ -61,6 +61,10 @@ class ModelSpec(Spec):
     chat_template: str | None = None  # the template this model was trained with, when its tokenizer has none
     context_length: int | None = Field(default=None, gt=0)
     options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of a plugin's builder
+    # For the trained model's card (Hub metadata): its licence (a Hub licence id such as apache-2.0, mit) and the
+    # languages it is trained for (ISO 639-1 codes).
+    license: str | None = None
+    language: list[str] = Field(default_factory=list)
 
     @field_validator("class_path")
     @classmethod

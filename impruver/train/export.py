@@ -3,8 +3,9 @@
     impruver export preset=rugpt3large/760M_lora_saiga2                 # -> <output_dir>/merged
     impruver export preset=rugpt3large/760M_lora_saiga2 --dest DIR
 
-The result (safetensors + tokenizer with its chat template) loads with ``AutoModelForCausalLM`` alone, without
-peft, and gives the same logits as the base with the adapter.
+The result (safetensors in the base's dtype, tokenizer with its chat template, generation config, ``plan.yaml``
+and a model card) loads with ``AutoModelForCausalLM`` alone, without peft, and gives the same logits as the base
+with the adapter.
 """
 
 from __future__ import annotations
@@ -50,14 +51,23 @@ def run(plan: Plan, *, dest: str | None = None, **_: Any) -> dict[str, Any]:
     model, tokenizer = load_merged(source, trust_remote_code=plan.model.trust_remote_code)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    write_standalone(tmp, model=model, tokenizer=tokenizer, plan=plan, derived_from=str(source))
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("merged %s into its base: %s parameters written to %s", source, f"{parameters:,}", target)
     return {"source": str(source), "dest": str(target), "parameters": parameters}
+
+
+def write_standalone(folder: Path, *, model: Any, tokenizer: Any, plan: Plan, derived_from: str) -> None:
+    """A standalone model folder ready to serve: weights, tokenizer, template, generation config, plan and card."""
+    from impruver.train.outputs import carry_record, restore_use_cache, write_serving_files
+
+    restore_use_cache(model)
+    model.save_pretrained(folder)
+    write_serving_files(folder, model=model, tokenizer=tokenizer, plan=plan)
+    carry_record(plan, folder, derived_from=derived_from)
 
 
 def _adapter_methods() -> list[str]:
