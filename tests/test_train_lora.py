@@ -74,6 +74,11 @@ def test_lora_trains_only_adapters_and_exports_the_same_logits(tmp_path: Path, u
     peft_model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
     result = export.run(plan)
     merged = AutoModelForCausalLM.from_pretrained(result["dest"]).eval()
+    # merged/ is ready to serve on its own: the plan, a card, the stop ids, the cache on
+    dest = Path(result["dest"])
+    assert (dest / "plan.yaml").is_file() and "library_name: transformers" in (dest / "README.md").read_text()
+    assert json.loads((dest / "generation_config.json").read_text())["eos_token_id"] is not None
+    assert merged.config.use_cache is True
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     ids = torch.randint(4, 300, (2, 24))
     with torch.no_grad():
