@@ -5,6 +5,7 @@
     impruver plan [--yaml] [--config FILE] [overrides]      print the validated plan (a dry run)
     impruver ls [KIND]                       presets, config-group options and registered components
     impruver cp PRESET DEST                  copy a preset to an editable file
+    impruver download REPO [--repo-type model|dataset] [--dest DIR] [--revision R]   fetch from the Hub
     impruver run compose_dataset|finetune|chat --config PRESET_OR_FILE [overrides]   the older form
 
 The main job and the stages are Hydra applications: --cfg job, --info, --help, -m (multirun) with
@@ -25,7 +26,7 @@ from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint
 from impruver.jobs import STAGES  # light: the stage functions are imported only when they run
 from impruver.ui import console, print_error, print_warning, setup_logging
 
-COMMANDS = (*STAGES, "plan", "ls", "cp", "run")
+COMMANDS = (*STAGES, "plan", "ls", "cp", "run", "download")
 RECIPES = {"compose_dataset": "compose", "finetune": "main", "chat": "chat", "train": "main", "export": "export",
            "serve": "serve"}
 # Hydra's own flags; those in the first set take a value.
@@ -88,6 +89,10 @@ def dispatch(argv: list[str]) -> int:
         return cmd_plan(split_args(rest, "plan"))
     if command == "run":
         return cmd_run(rest)
+    if command == "download":
+        from impruver.download import main as download
+
+        return download(rest)
     return launch(command or "main", split_args(rest, command or "main"))
 
 
