@@ -368,7 +368,7 @@ def _register_sections() -> None:
     from impruver.plan import Plan
 
     sections = [name for name, info in Plan.model_fields.items()
-                if name in (*GROUPS, "eval") and _model_of(info.annotation)]
+                if name in (*GROUPS, "eval", "export") and _model_of(info.annotation)]
     node = OmegaConf.create({name: {} for name in sections})
     for name in sections:
         OmegaConf.set_struct(node[name], False)  # an explicit flag on the node wins over the root's struct mode

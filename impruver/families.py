@@ -20,6 +20,13 @@ CONTRACT (used by plan, memory, train/models, train/methods, train/loss):
     family.shape_from_config(config_json_dict) -> Shape
     family.linears(shape) -> list[(module name, in features, out features)]   # one layer
     family.n_params(shape) -> int
+
+GGUF (optional: a family without ``gguf_arch`` cannot be exported for llama.cpp; used by :mod:`impruver.gguf`):
+
+    family.gguf_arch: str                              # llama.cpp's architecture name ("gpt2", "llama", ...)
+    family.gguf_pre_tokenizer: str                     # tokenizer.ggml.pre of a byte-level BPE vocabulary
+    family.gguf_hparams(config_json_dict) -> dict[str, int | float]   # "{arch}.<key>" suffix -> value
+    family.gguf_tensor(name, tensor, config_json_dict) -> tensor | None # llama.cpp's layout; None: not a weight
 """
 
 from __future__ import annotations
@@ -197,6 +204,26 @@ class GPT2:
     def position_params(self, shape: Shape) -> int:
         return shape.positions * shape.d
 
+    # -- GGUF (llama.cpp) --------------------------------------------------------------------------------------
+    gguf_arch = "gpt2"
+    # ruGPT-3 and impruver's own BPE split text with GPT-2's byte-level regex (tokenizers' ByteLevel pre-tokenizer),
+    # whatever hash a newly trained vocabulary gets: llama.cpp's "gpt-2" pre-tokenizer is that regex.
+    gguf_pre_tokenizer = "gpt-2"
+
+    def gguf_hparams(self, config: dict[str, Any]) -> dict[str, int | float]:
+        d = config["n_embd"]
+        return {"context_length": config.get("n_ctx") or config.get("n_positions", 1024), "embedding_length": d,
+                "block_count": config["n_layer"], "feed_forward_length": config.get("n_inner") or 4 * d,
+                "attention.head_count": config["n_head"],
+                "attention.layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5)}
+
+    def gguf_tensor(self, name: str, tensor: Any, config: dict[str, Any]) -> Any:
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            return None  # old transformers saved the causal mask as a buffer: not a weight
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            return tensor.t()  # Conv1D stores (in, out); ggml's matmul reads (out, in) rows like nn.Linear
+        return tensor
+
 
 def llama_ff(d: int) -> int:
     """Llama's default MLP width: 8/3 of the hidden width rounded up to a multiple of 256."""
@@ -259,11 +286,38 @@ class Llama:
     def position_params(self, shape: Shape) -> int:
         return 0  # rotary positions have no weights
 
+    # -- GGUF (llama.cpp) --------------------------------------------------------------------------------------
+    gguf_arch = "llama"
+    gguf_pre_tokenizer = "llama-bpe"  # a byte-level BPE Llama (Llama 3); SentencePiece vocabularies need none
+    # llama.cpp's "llama" rope rotates adjacent pairs (x[2i], x[2i+1]); transformers rotates halves
+    # (x[i], x[i + head_dim/2]). The q and k rows are reordered so both compute the same attention.
+    gguf_rope_pairs = True
+
+    def gguf_hparams(self, config: dict[str, Any]) -> dict[str, int | float]:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return {"context_length": config.get("max_position_embeddings", 2048),
+                "embedding_length": config["hidden_size"], "block_count": config["num_hidden_layers"],
+                "feed_forward_length": config["intermediate_size"], "attention.head_count": heads,
+                "attention.head_count_kv": config.get("num_key_value_heads") or heads,
+                "attention.layer_norm_rms_epsilon": config.get("rms_norm_eps", 1e-6),
+                "rope.freq_base": _rope_theta(config), "rope.dimension_count": head_dim,
+                "attention.key_length": head_dim, "attention.value_length": head_dim}
+
+    def gguf_tensor(self, name: str, tensor: Any, config: dict[str, Any]) -> Any:
+        if self.gguf_rope_pairs and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+            heads = config["num_attention_heads"]
+            if ".k_proj." in name:  # keys have the grouped-query head count
+                heads = config.get("num_key_value_heads") or heads
+            return _halves_to_pairs(tensor, heads)
+        return tensor
+
 
 class Mistral(Llama):
     """Mistral: Llama's layers with sliding-window attention."""
 
     name = "mistral"
+    gguf_pre_tokenizer = "tekken"  # a byte-level BPE Mistral (Tekken); v1-v3 SentencePiece vocabularies need none
 
     def arch_extra(self, arch: ArchSpec) -> dict[str, Any]:
         return {"sliding_window": arch.sliding_window}
@@ -273,6 +327,9 @@ class Qwen2(Llama):
     """Qwen2: Llama's layers with biases on q, k and v; optional sliding window."""
 
     name = "qwen2"
+    gguf_arch = "qwen2"
+    gguf_pre_tokenizer = "qwen2"
+    gguf_rope_pairs = False  # llama.cpp's qwen2 rope rotates halves, as transformers does
 
     def arch_extra(self, arch: ArchSpec) -> dict[str, Any]:
         return {"sliding_window": arch.sliding_window} if arch.sliding_window else {}
@@ -285,6 +342,7 @@ class Qwen3(Qwen2):
     """Qwen3: Llama's layers with RMSNorm on queries and keys (per head), no q/k/v biases."""
 
     name = "qwen3"
+    gguf_arch = "qwen3"
 
     def arch_extra(self, arch: ArchSpec) -> dict[str, Any]:
         # transformers' Qwen3 default head_dim is 128 whatever the width; `arch` means d / n_head per head.
@@ -292,6 +350,19 @@ class Qwen3(Qwen2):
 
     def layer_extra(self, shape: Shape) -> int:
         return 2 * shape.head_dim  # q_norm and k_norm
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    """The rope base, from ``rope_theta`` or transformers 5's ``rope_parameters``."""
+    params = config.get("rope_parameters") or {}
+    return float(config.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _halves_to_pairs(tensor: Any, heads: int) -> Any:
+    """Reorder each head's rows (out, ...) from rotate-half order to adjacent pairs: row i of the first half and
+    row i of the second half become rows 2i and 2i+1 (the inverse of what HF's Llama conversion did)."""
+    shape = tensor.shape
+    return tensor.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 for _family in (GPT2(), Llama(), Mistral(), Qwen2(), Qwen3()):

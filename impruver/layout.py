@@ -10,6 +10,7 @@ spelled once::
         metrics.jsonl loss.png run.json run_summary.json README.md eval.json
         base/                     an adapter's randomly initialised base, when it exists nowhere else
         merged/                   a LoRA adapter merged into its base (impruver export)
+        gguf/                     <name>-<type>.gguf + <name>-<type>.Modelfile (impruver export --gguf)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SWEEP_SUMMARY = "sweep_summary.json"
 CARD_FILE = "README.md"
 BASE_DIR = "base"
 MERGED_DIR = "merged"
+GGUF_DIR = "gguf"
 MULTIRUN_DIR = "multirun"
 
 
@@ -99,6 +101,10 @@ class RunLayout:
     @property
     def merged(self) -> Path:
         return self.root / MERGED_DIR
+
+    @property
+    def gguf(self) -> Path:
+        return self.root / GGUF_DIR
 
     @property
     def multirun(self) -> Path:

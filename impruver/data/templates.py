@@ -19,6 +19,7 @@ A template that renders no ``tools=`` gets the function schemas in its system tu
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from impruver.errors import ConfigError, Problem, choices_hint
@@ -70,6 +71,26 @@ CHATML = (
 )
 
 
+# The same templates in Ollama's Go-template syntax, for the Modelfile beside a GGUF file (``impruver export
+# --gguf``). Ollama renders ``.Messages`` (``.Role``: system, user, assistant, tool; ``.Content``) and the model
+# writes after the text, so each form ends with the assistant turn's header (add_generation_prompt).
+# <<bos>> and <<eos>> stand for the tokenizer's own bos_token / eos_token strings (filled in by ollama_form).
+OLLAMA_SAIGA = (
+    '{{- range .Messages }}<<bos>>{{ if eq .Role "assistant" }}bot{{ else }}{{ .Role }}{{ end }}\n'
+    "{{ .Content }}<<eos>>\n"
+    "{{ end }}<<bos>>bot\n"
+)
+OLLAMA_ZEPHYR = (
+    '{{- range .Messages }}{{ if or (eq .Role "user") (eq .Role "system") (eq .Role "assistant") }}'
+    "<|{{ .Role }}|>\n{{ .Content }}<<eos>>\n{{ end }}{{ end }}<|assistant|>\n"
+)
+OLLAMA_CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+    "{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n"
+)
+
+
 @templates("saiga")
 def saiga() -> str:
     """Saiga / rulm turns ``<s>{role}\\n{content}</s>\\n`` (assistant = bot), for rugpt3 and ruGPT-3.5."""
@@ -86,6 +107,35 @@ def zephyr() -> str:
 def chatml() -> str:
     """ChatML (``<|im_start|>role\\n...<|im_end|>``); tool turns keep impruver's role names."""
     return CHATML
+
+
+# A registered template names its Ollama form with an ``ollama`` attribute (a plugin's template may too).
+saiga.ollama = OLLAMA_SAIGA  # type: ignore[attr-defined]
+zephyr.ollama = OLLAMA_ZEPHYR  # type: ignore[attr-defined]
+chatml.ollama = OLLAMA_CHATML  # type: ignore[attr-defined]
+
+GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
+
+def without_generation_tags(source: str) -> str:
+    """``source`` without the training-only ``{% generation %}`` / ``{% endgeneration %}`` tags, which plain Jinja2,
+    minijinja and llama.cpp's template engine refuse (what the tags enclose stays, so the text is the same)."""
+    return GENERATION_TAG.sub("", source)
+
+
+def ollama_form(source: str, special: dict[str, str]) -> str | None:
+    """The Ollama form of a registered template whose Jinja source is ``source`` (with or without generation
+    tags), its bos/eos filled from ``special`` (``{"bos_token": "<s>", ...}``); None for any other template."""
+    from impruver import registry
+
+    plain = without_generation_tags(source)
+    for name in registry.names("templates"):
+        factory = registry.lookup("templates", name)
+        form = getattr(factory, "ollama", None)
+        if form and without_generation_tags(factory()) == plain:
+            return str(form).replace("<<bos>>", special.get("bos_token") or "").replace(
+                "<<eos>>", special.get("eos_token") or "")
+    return None
 
 
 def resolve_template(value: str, *, key: str = "tokenizer.chat_template") -> str:

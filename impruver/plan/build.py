@@ -20,7 +20,7 @@ from impruver import registry
 from impruver.errors import ConfigError, Problem, choices_hint
 from impruver.families import local_config
 from impruver.layout import RunLayout
-from impruver.plan.schema import (ChatSpec, DatasetSpec, EvalSpec, HardwareSpec, MethodSpec, ModelSpec, Plan, Spec, TokenizerSpec,
+from impruver.plan.schema import (ChatSpec, DatasetSpec, EvalSpec, ExportSpec, HardwareSpec, MethodSpec, ModelSpec, Plan, Spec, TokenizerSpec,
                                   TrainSpec, problems_from)
 
 # torch DistributedDataParallel settings a `ddp:` section may give (with or without the `ddp_` prefix).
@@ -37,6 +37,7 @@ SECTIONS: dict[str, type[Spec]] = {
     "train": TrainSpec,
     "chat": ChatSpec,
     "eval": EvalSpec,
+    "export": ExportSpec,
 }
 # Top-level shorthands users of the recipe catalogue type: `resume=auto`, and a `ddp:` section of DDP settings.
 SHORTHANDS = {"resume": ("train", "resume"), "ddp": ("train", "ddp")}

@@ -221,6 +221,28 @@ class EvalSpec(Spec):
     show: int = Field(default=8, ge=0)  # example replies printed in the table (wrong ones first)
 
 
+class ExportSpec(Spec):
+    """What ``impruver export`` writes besides a merged adapter (``export:``). Frozen; unknown keys are errors."""
+
+    # GGUF files for llama.cpp / Ollama (<output_dir>/gguf/<name>-<type>.gguf + a Modelfile each);
+    # types: f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0. Empty: none (``impruver export --gguf`` names them too).
+    gguf: list[str] = Field(default_factory=list)
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_types(cls, value: Any) -> Any:
+        """A comma string or a list; every type known (the message lists the valid ones)."""
+        from impruver.errors import ConfigError
+        from impruver.gguf import gguf_types
+
+        if value in (None, "", []):
+            return []
+        try:
+            return list(gguf_types(value if isinstance(value, str) else list(value)))
+        except ConfigError as exc:
+            raise ValueError("; ".join(p.message for p in exc.problems)) from None
+
+
 class MemoryEstimate(Spec):
     """Peak GPU memory per device, in GiB, as estimated before anything loads."""
 
@@ -254,6 +276,7 @@ class Plan(Spec):
     train: TrainSpec
     chat: ChatSpec = ChatSpec()
     eval: EvalSpec = EvalSpec()  # the check a run ends with (impruver eval)
+    export: ExportSpec = ExportSpec()  # what impruver export writes (GGUF types)
     memory: MemoryEstimate | None = None
 
     @field_validator("method", mode="before")

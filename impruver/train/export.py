@@ -2,6 +2,7 @@
 
     impruver export preset=rugpt3large/760M_lora_saiga2                 # -> <output_dir>/merged
     impruver export preset=rugpt3large/760M_lora_saiga2 --dest DIR
+    impruver export preset=rugpt3large/760M_lora_saiga2 --gguf f16,q8_0   # + <output_dir>/gguf/ (llama.cpp, Ollama)
 
 The result (safetensors in the base's dtype, tokenizer with its chat template, generation config, ``plan.yaml``
 and a model card) loads with ``AutoModelForCausalLM`` alone, without peft, and gives the same logits as the base
@@ -24,27 +25,50 @@ if TYPE_CHECKING:
 log = logging.getLogger("impruver")
 
 
-def run(plan: Plan, *, dest: str | None = None, **_: Any) -> dict[str, Any]:
-    """Merge the adapter in ``plan.output_dir`` into its base; write the standalone model to ``dest``.
+def run(plan: Plan, *, dest: str | None = None, gguf: str | None = None, **_: Any) -> dict[str, Any]:
+    """Merge the adapter in ``plan.output_dir`` into its base; write the standalone model to ``dest``; and, with
+    GGUF types (``--gguf f16,q8_0`` or the plan's ``export.gguf``), write ``<output_dir>/gguf/<name>-<type>.gguf``
+    and a Modelfile each from the merged model (or from the run's own model when it is not an adapter).
 
     Args:
-        plan: the plan of the run that trained the adapter (its output_dir holds adapter_config.json).
-        dest: the folder to write; default ``<output_dir>/merged``.
+        plan: the plan of the run to export (its output_dir holds the model or the adapter).
+        dest: the folder the merged model goes to; default ``<output_dir>/merged``.
+        gguf: comma list of GGUF types (f16, bf16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0); default ``export.gguf``.
 
     Returns:
-        ``{"source": ..., "dest": ..., "parameters": ...}``.
+        ``{"source": ..., "dest": ..., "parameters": ...}`` (a merge) and ``"gguf": [paths]`` (GGUF files).
 
     Raises:
-        RunError: no adapter in the output dir (nothing to merge), or its base cannot be loaded.
+        RunError: nothing to export in the output dir, or its base cannot be loaded.
+        ConfigError: an unknown GGUF type.
     """
+    from impruver.gguf import gguf_types
+
+    kinds = gguf_types(gguf) if gguf is not None else tuple(plan.export.gguf)
     source = Path(plan.output_dir)
-    if not (source / "adapter_config.json").is_file():
+    adapter = (source / "adapter_config.json").is_file()
+    if not adapter and not (kinds and (source / "config.json").is_file()):
         if (source / "config.json").is_file():
             raise RunError(f"{source} holds a full model, not an adapter: it is already standalone "
-                           "(load it with AutoModelForCausalLM); nothing to merge")
+                           "(load it with AutoModelForCausalLM); nothing to merge (--gguf TYPES converts it)")
         adapters = ", ".join(_adapter_methods())
         raise RunError(f"{source}: no trained adapter here (no adapter_config.json); train first with an adapter "
                        f"method ({adapters}), or point output_dir at the run to export")
+    result: dict[str, Any] = {"source": str(source)}
+    model_dir = source
+    if adapter:
+        result = merge(plan, source, dest)
+        model_dir = Path(result["dest"])
+    if kinds:
+        from impruver.gguf.export import export_gguf
+
+        files = export_gguf(model_dir, RunLayout.of(source).gguf, kinds, name=source.resolve().name, chat=plan.chat)
+        result["gguf"] = [f["path"] for f in files]
+    return result
+
+
+def merge(plan: Plan, source: Path, dest: str | None) -> dict[str, Any]:
+    """The adapter in ``source`` merged into its base (in the base's dtype), written to ``dest`` or merged/."""
     target = Path(dest) if dest else RunLayout.of(source).merged
     if target.resolve() == source.resolve():
         raise RunError("--dest: choose a folder other than the adapter's own output_dir")
