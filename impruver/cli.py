@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint
+from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint, closest
 from impruver.jobs import STAGES  # light: the stage functions are imported only when they run
 from impruver.ui import console, print_error, print_warning, setup_logging
 
@@ -161,11 +161,25 @@ def _unknown_flag(token: str, command: str, flags: dict[str, bool]) -> Problem:
     """A flag the command does not take: another command's (name it) or a typo (the closest of all flags)."""
     name = "impruver" if command == "main" else f"impruver {command}"
     valid = sorted(f"--{f.replace('_', '-')}" for f in flags)
-    every = {f"--{f.replace('_', '-')}" for c in ("main", "plan", *STAGES) for f in command_flags(c)}
     flag = token.partition("=")[0]
-    if flag in every:
-        return Problem(flag, f"{name} takes no such flag; valid: {', '.join(valid)}")
-    return Problem(flag, f"unknown flag; {choices_hint(flag, sorted(every | HYDRA_FLAGS | {'--info', '--cfg'}))}")
+    near = closest(flag, valid)
+    guess = f"did you mean {near[0]}? " if near else ""
+    other = flag if _takers(flag, command) else (closest(flag, _all_flags()) or [""])[0]
+    if other and not (near and other != flag):  # the flag of another command, or a typo of one
+        owners = ", ".join("impruver" if c == "main" else f"impruver {c}" for c in _takers(other, command))
+        guess = f"{other} is a flag of {owners}; " if other == flag else f"did you mean {other} (of {owners})? "
+    return Problem(flag, f"{name} takes no such flag; {guess}{name} takes: {', '.join(valid)} "
+                         f"(and Hydra's flags: impruver --hydra-help)")
+
+
+def _takers(flag: str, command: str) -> list[str]:
+    """The other commands that take ``flag``."""
+    name = flag[2:].replace("-", "_")
+    return [c for c in ("main", "plan", *STAGES) if c != command and name in command_flags(c)]
+
+
+def _all_flags() -> list[str]:
+    return sorted({f"--{f.replace('_', '-')}" for c in ("main", "plan", *STAGES) for f in command_flags(c)})
 
 
 # -- planning ------------------------------------------------------------------------------------------------

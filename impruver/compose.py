@@ -19,6 +19,8 @@ import copy
 import itertools
 import json
 import math
+import os
+import re
 import sys
 import types
 import typing
@@ -50,6 +52,12 @@ PRIMARY = "config"
 SECTIONS_NODE = "impruver_sections"  # ConfigStore node: the plan's sections as open mappings (see below)
 DEFAULT_PRESET = "demo"
 GROUPS = ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat", "preset")
+# Groups that change only how or where a run trains, never what: choosing only these keeps the demo preset
+# (`impruver hardware=cpu_ddp hardware.num_processes=2` still trains the demo into outputs/demo). Any other
+# group (model, tokenizer, dataset, method, preset, or one a plugin adds) names a recipe of its own.
+RUN_GROUPS = ("hardware", "train", "chat")
+# `data=PATH` / `data=[A,B]`: train on one's own files alone (format detected, outputs/<file stem>).
+DATA_KEY = "data"
 # Keep Hydra from taking over logging, the working directory or the outputs, whatever the primary config says.
 HYDRA_QUIET = ("hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null",
                "hydra.job.chdir=false")
@@ -138,9 +146,13 @@ def _plan_or_problems(composed: Composed) -> Plan:
 
 
 def hydra_overrides(overrides: Sequence[str], *, config_file: str | None = None) -> list[str]:
-    """The overrides as Hydra gets them: the demo preset when no group is chosen (``impruver``, ``impruver
-    train.lr=1e-3``), and ``dataset.sources=VALUE`` as "delete, then add" so that the value replaces the
-    dataset's sources instead of merging into them (Hydra merges mappings)."""
+    """The overrides as Hydra gets them: the demo preset when no group but hardware, train or chat is chosen
+    (``impruver``, ``impruver hardware=cpu_ddp train.lr=1e-3``); ``data=PATH`` as the sources it stands for (see
+    data_overrides); with a config file, a group choice as that option's section (see file_group_overrides);
+    and ``dataset.sources=VALUE`` as "delete, then add" so that the value replaces the dataset's sources instead
+    of merging into them (Hydra merges mappings)."""
+    overrides = data_overrides(overrides, config_file=config_file)
+    overrides = file_group_overrides(overrides, config_file)
     parsed, _ = parse_overrides(overrides)
     out = [f"preset={DEFAULT_PRESET}"] if _default_preset_applies(parsed, config_file) else []
     for line in overrides:
@@ -152,6 +164,152 @@ def hydra_overrides(overrides: Sequence[str], *, config_file: str | None = None)
         else:
             out.append(line)
     return out
+
+
+# -- data=PATH: one's own files, alone ------------------------------------------------------------------------
+
+
+def data_overrides(overrides: Sequence[str], *, config_file: str | None = None) -> list[str]:
+    """``data=PATH`` (repeatable) or ``data=[A,B]``: train on those files alone, keeping the rest of the recipe.
+
+    Becomes ``dataset.sources=[{name, path, format: auto}, ...]`` (replacing the sources: the format of each is
+    detected from its records), ``output_dir=outputs/<file stems>`` unless one is given (or the config file
+    sets one), and ``eval.questions=null`` unless given (the recipe's own question file is about its own data).
+    The dataset's other settings (validation size, length limit, dedup) stay the recipe's.
+
+    Raises:
+        ConfigError: a sweep or a value that is not a path, or ``data=`` together with ``dataset.sources=``.
+    """
+    parsed, _ = parse_overrides(overrides)
+    data = [o for o in parsed if o.get_key_element().lstrip("+") == DATA_KEY]
+    if not data:
+        return list(overrides)
+    problems, paths = [], []
+    for o in data:
+        value = None if o.is_sweep_override() or o.is_delete() else o.value()
+        items = value if isinstance(value, list) else [value]
+        if o.is_sweep_override():
+            problems.append(Problem(DATA_KEY, f"'{o.input_line}' is a sweep; to train on several files at once "
+                                    f"give a list: data=[{','.join(o.sweep_string_iterator())}]"))
+        elif not items or not all(isinstance(i, str) and i for i in items):
+            problems.append(Problem(DATA_KEY, f"'{o.input_line}': give a file (data=chats.jsonl) or a list of "
+                                    "files (data=[a.jsonl,b.json])"))
+        else:
+            paths += items
+    keys = {o.get_key_element().lstrip("+~") for o in parsed}
+    if "dataset.sources" in keys or any(k.startswith("dataset.sources.") for k in keys):
+        problems.append(Problem(DATA_KEY, "give either data=PATH (your files, format detected) or "
+                                "dataset.sources=..., not both"))
+    if problems:
+        raise ConfigError(problems, source=config_file)
+    names = _source_names(paths)
+    sources = [{"name": name, "path": path, "format": "auto"} for name, path in zip(names, paths)]
+    lines = [f"dataset.sources={hydra_literal(sources)}"]
+    if "output_dir" not in keys and not _file_sets(config_file, "output_dir"):
+        lines.append(f"output_dir={hydra_literal(os.path.join('outputs', '+'.join(names)))}")
+    if "eval.questions" not in keys:
+        lines.append("eval.questions=null")
+    first = overrides.index(data[0].input_line)
+    kept = [line for line in overrides if line not in {o.input_line for o in data}]
+    return [*kept[:first], *lines, *kept[first:]]
+
+
+def _source_names(paths: Sequence[str]) -> list[str]:
+    """A source name per path: its file's stem (``chats`` for ``data/chats.jsonl``), made unique with -2, -3."""
+    names: list[str] = []
+    for path in paths:
+        stem = Path(path.rstrip("/")).stem or "data"
+        name, n = stem, 1
+        while name in names:
+            n += 1
+            name = f"{stem}-{n}"
+        names.append(name)
+    return names
+
+
+def _file_sets(config_file: str | None, key: str) -> bool:
+    """Whether a config file gives a top-level ``key`` a value (not null)."""
+    if not config_file:
+        return False
+    try:
+        data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get(key) is not None
+
+
+def hydra_literal(value: Any) -> str:
+    """``value`` in Hydra's override grammar: strings quoted (any characters: spaces, Cyrillic, quotes),
+    mappings and lists written out; ``parse_overrides`` of the result gives ``value`` back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(hydra_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {hydra_literal(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    # Inside quotes Hydra reads a backslash literally, except in a run just before a quote (or the closing
+    # quote), where each pair stands for one backslash: double those runs, then escape the quotes.
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+# -- a config file plus a group choice -----------------------------------------------------------------------
+
+
+def file_group_overrides(overrides: Sequence[str], config_file: str | None) -> list[str]:
+    """With a config file, ``method=lora`` replaces the file's ``method`` section by impruver's ``lora`` option,
+    the fix impruver's own messages suggest (a file from ``impruver cp`` has every section, no defaults list).
+
+    A group the file's own ``defaults:`` list names is left to Hydra. Unknown options are reported with the
+    valid ones.
+    """
+    if not config_file:
+        return list(overrides)
+    listed = _file_defaults(config_file)
+    out: list[str] = []
+    problems: list[Problem] = []
+    for line in overrides:
+        one, bad = parse_overrides([line])
+        o = one[0] if one and not bad else None
+        group = o.get_key_element().lstrip("+") if o is not None else ""
+        if (o is None or group not in GROUPS or group == "preset" or group in listed or o.is_delete()
+                or o.is_sweep_override()):
+            out.append(line)
+            continue
+        options = list_options(group)
+        if o.value() not in options:
+            problems.append(Problem(group, f"no {group} option '{o.value()}'; {choices_hint(str(o.value()), options)}"))
+            continue
+        out += [f"~{group}", f"+{group}={hydra_literal(option_content(group, str(o.value())))}"]
+    if problems:
+        raise ConfigError(problems, source=config_file)
+    return out
+
+
+def option_content(group: str, option: str) -> dict[str, Any]:
+    """The section that impruver's ``group=option`` composes to (its own defaults merged), unresolved."""
+    with _initialized(None):
+        cfg = hydra_compose(PRIMARY, overrides=[*hydra_settings(), f"{group}={option}"])
+    return OmegaConf.to_container(cfg[group], resolve=False)
+
+
+def _file_defaults(config_file: str) -> set[str]:
+    """The groups a config file's ``defaults:`` list chooses (``- method: lora``, ``- override /method: lora``)."""
+    try:
+        data = yaml.safe_load(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return set()
+    entries = data.get("defaults") if isinstance(data, dict) else None
+    found = set()
+    for entry in entries if isinstance(entries, list) else []:
+        for key in entry if isinstance(entry, dict) else ():
+            found.add(str(key).removeprefix("override ").lstrip("/").split("@")[0])
+    return found
 
 
 def plan_job(overrides: Sequence[str] = (), *, config_file: str | None = None) -> Plan:
@@ -222,12 +380,46 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[list[Override], list[Prob
     """Parse each override on its own, so that every syntax error is reported, not just the first."""
     parser = OverridesParser.create()
     parsed, problems = [], []
-    for line in overrides:
+    lines, i = list(overrides), 0
+    while i < len(lines):
+        line = lines[i]
         try:
             parsed.extend(parser.parse_overrides([line]))
         except HydraException as exc:
-            problems.append(Problem(line.split("=")[0], f"cannot parse '{line}': {_one_line(exc)}"))
+            rest = _split_off(lines, i)  # the words the shell split off an unquoted value with spaces
+            hint = _quoting_hint(parser, " ".join([line, *rest]))
+            problems.append(Problem(line.split("=")[0], f"cannot parse '{line}': {_one_line(exc)}{hint}"))
+            i += len(rest) if hint else 0
+        i += 1
     return parsed, problems
+
+
+def _split_off(lines: Sequence[str], i: int) -> list[str]:
+    """The words after ``lines[i]`` (a ``key=value`` Hydra refused) that hold no ``=``: the rest of a value
+    with spaces that the shell split into several words."""
+    if "=" not in lines[i]:
+        return []
+    rest = list(itertools.takewhile(lambda w: "=" not in w and not w.startswith(("+", "~", "-")), lines[i + 1:]))
+    return rest
+
+
+def _quoting_hint(parser: OverridesParser, line: str) -> str:
+    """How to write a value Hydra's lexer refused unquoted (a path with Cyrillic letters, spaces, brackets):
+    quoted for Hydra, and the whole override quoted for the shell. Empty when quoting would not help."""
+    import shlex
+
+    key, eq, value = line.partition("=")
+    if not eq or value[:1] in ("'", '"'):
+        return ""
+    fixed = f"{key}={hydra_literal(value)}"
+    try:
+        parser.parse_overrides([fixed])
+    except HydraException:
+        return ""
+    for_shell = f'"{fixed}"' if not re.search(r'["$`\\!]', fixed) else shlex.quote(fixed)
+    split = " (the shell split the value at its spaces)" if " " in value else ""
+    return (f"; values with spaces, non-Latin letters or other special characters must be quoted for Hydra, "
+            f"and the whole override for the shell{split}: {for_shell}")
 
 
 def expand_sweeps(overrides: Sequence[str]) -> list[list[str]]:
@@ -552,13 +744,24 @@ def _options(group: str, primary: str = PRIMARY) -> list[str]:
 
 
 def _default_preset_applies(parsed: Sequence[Override], config_file: str | None) -> bool:
-    """No group chosen and no config file (`impruver`, `impruver train.lr=1e-3`): the demo preset."""
-    return not config_file and not any(_is_group(o) and o.key_or_group in GROUPS for o in parsed)
+    """No config file and no group chosen but those that change only how it runs (`impruver`, `impruver
+    train.lr=1e-3`, `impruver hardware=cpu_ddp`): the demo preset."""
+    chosen = {o.get_key_element().lstrip("+~") for o in parsed if _is_group(o)}
+    return not config_file and not any(g in GROUPS and g not in RUN_GROUPS for g in chosen)
+
+
+def default_preset_applies(overrides: Sequence[str], config_file: str | None = None) -> bool:
+    """Whether ``overrides`` leave the choice of recipe to impruver: no config file, no ``data=``, no group
+    that changes what is trained (the command line then gets the demo preset, or the last run's for chat)."""
+    parsed, _ = parse_overrides(overrides)
+    return (_default_preset_applies(parsed, config_file)
+            and not any(o.get_key_element().lstrip("+") == DATA_KEY for o in parsed))
 
 
 def _is_group(o: Override) -> bool:
     key = o.get_key_element().lstrip("+~")
-    return "@" not in key and (key in GROUPS or key.startswith("hydra/"))
+    whole_section = not o.is_sweep_override() and not o.is_delete() and isinstance(o.value(), (dict, list))
+    return "@" not in key and (key in GROUPS or key.startswith("hydra/")) and not whole_section
 
 
 def _check_choice(o: Override) -> Problem | None:
@@ -581,9 +784,25 @@ def _override_problem(cfg: DictConfig, o: Override, exc: BaseException) -> Probl
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     if isinstance(node, DictConfig) and leaf not in node and not o.is_delete():
         known = [str(k) for k in node.keys() if parent or k != "hydra"] or _schema_keys(parent)
+        if not parent:  # the plan has no keys of one's own at the top level: the fix is the closest key
+            return Problem(key, _top_level_hint(o, known))
         hint = choices_hint(leaf, known)
         return Problem(key, f"unknown key; {hint} (to add a key of your own: +{o.input_line.lstrip('+')})")
     return Problem(key, _one_line(exc))
+
+
+def _top_level_hint(o: Override, known: Sequence[str]) -> str:
+    """An unknown top-level key (``metod=lora``): the override with the closest key or group (``method=lora``),
+    then the keys and groups there are."""
+    from impruver.errors import closest
+
+    names = sorted({*known, *GROUPS, DATA_KEY})
+    near = closest(o.key_or_group, names)
+    listed = f"top-level keys and groups: {', '.join(names)}"
+    if not near:
+        return f"unknown key; {listed}"
+    _, _, value = o.input_line.partition("=")
+    return f"unknown key; did you mean {near[0]}={value}? {listed}"
 
 
 def _schema_keys(path: str) -> list[str]:
