@@ -59,14 +59,21 @@ class ComposeResult:
 # -- public entry points ----------------------------------------------------------------------------------------
 
 
-def run(plan: Any, *, force: bool = False, inspect: int | str | None = None) -> ComposeResult:
+def run(plan: Any, *, force: bool = False, inspect: int | str | None = None,
+        export_messages: str | None = None) -> ComposeResult:
     """The `impruver compose` stage: compose (or reuse), print the report, optionally show samples.
 
     Args:
         plan: the validated plan.
         force: recompose even when the fingerprint matches.
         inspect: show this many rendered training samples with the trained tokens highlighted.
+        export_messages: also write every source's conversations, as converted, to this JSONL file (see
+            :func:`write_messages`): e.g. OpenAssistant trees as flat chats.
     """
+    if export_messages:
+        counts = write_messages(plan, export_messages)
+        log.info("wrote %d conversations to %s (%s)", sum(counts.values()), export_messages,
+                 ", ".join(f"{name}: {n}" for name, n in counts.items()))
     result = compose(plan, force=force)
     show_report(result.report, reused=result.reused)
     if inspect:
@@ -93,6 +100,59 @@ def paths_of(plan: Any) -> dict[str, Path]:
     data = Path(plan.train_path).parent
     return {"train": Path(plan.train_path), "val": Path(plan.val_path), "report": data / REPORT,
             "tokenizer": data / TOKENIZER_DIR, "data": data}
+
+
+def write_messages(plan: Any, path: str | os.PathLike[str]) -> dict[str, int]:
+    """Write every source's conversations, as the formats convert them, to ``path``: one conversation a line
+    (``{"messages": [{"role", "content"}...], "tools": [...]}``, or ``{"text": ...}`` for raw text), in source
+    order. This is the flat chat form of any format, e.g. OpenAssistant trees (``format: oasst``, with its
+    ``branch`` and rank options) as plain chats that other tools read.
+
+    What the conversion decides is kept: the source's mapping, system prompt, ``roles_to_train`` /
+    ``train_on_last_turn_only`` (a turn kept out of the loss gets ``"weight": 0``) and reasoning
+    (``reasoning_content``). Tool calls stay impruver's ``function_call`` / ``function_response`` turns. Read back
+    with ``format: openai``, the file gives the same conversations. Nothing here is tokenized, deduplicated or
+    split: that is compose's work. Records that fail follow ``dataset.on_error``. The file is replaced atomically.
+
+    Returns:
+        conversations written per source.
+    """
+    import orjson
+
+    settings = _settings(plan, Path("."))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    written: dict[str, int] = {}
+    try:
+        with tmp.open("wb") as out:
+            for name, spec in plan.sources.items():
+                counts = convert.new_counts()
+                items = iter_items(spec, name=name, seed=plan.dataset.seed)
+                written[name] = 0
+                for _, conversation in convert.convert_items(items, settings["sources"][name],
+                                                             plan.dataset.on_error, counts):
+                    out.write(orjson.dumps(_flat(conversation), option=orjson.OPT_APPEND_NEWLINE))
+                    written[name] += 1
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written
+
+
+def _flat(conversation: dict[str, Any]) -> dict[str, Any]:
+    """A canonical conversation as an OpenAI-style record that ``format: openai`` reads back unchanged."""
+    if "text" in conversation:
+        return {"text": conversation["text"]}
+    messages = []
+    for message in conversation["messages"]:
+        flat = {"role": message["role"], "content": message["content"]}
+        if message.get("reasoning"):
+            flat["reasoning_content"] = message["reasoning"]
+        if message.get("train") is False:
+            flat["weight"] = 0
+        messages.append(flat)
+    return {"messages": messages, **({"tools": conversation["tools"]} if conversation.get("tools") else {})}
 
 
 # -- fingerprint ---------------------------------------------------------------------------------------------------
@@ -722,4 +782,4 @@ def _runs(ids: list[int], labels: list[int]) -> Iterator[tuple[bool, list[int]]]
         yield bool(state), run
 
 
-__all__ = ["ComposeResult", "run", "ensure_composed", "load_composed_tokenizer", "fingerprint"]
+__all__ = ["ComposeResult", "run", "ensure_composed", "write_messages", "load_composed_tokenizer", "fingerprint"]
