@@ -337,15 +337,16 @@ def test_hub_sources_go_through_datasets_load_dataset(tmp_path, monkeypatch):
         calls.append((path, name, kwargs))
         rows = [{"role": ["user", "bot"], "content": [f"вопрос {i} {WORDS[i]}", f"ответ {i} {WORDS[-i]}"]}
                 for i in range(12)]
-        return datasets.Dataset.from_dict({"messages": rows}).select(range(5))
+        return datasets.Dataset.from_dict({"messages": rows}).to_iterable_dataset()
 
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     sources = {"saiga": {"path": "IlyaGusev/ru_turbo_saiga", "format": "saiga", "split": "train[:5]"}}
     result = pipeline.compose(demo_plan(tmp_path, sources, val_size=1))
-    assert calls and all(c == ("IlyaGusev/ru_turbo_saiga", None, {"split": "train[:5]", "revision": None})
-                         for c in calls)
+    # train[:5] streams: the split by name, and the first five records taken as they come
+    assert calls and all(c == ("IlyaGusev/ru_turbo_saiga", None, {"split": "train", "revision": None,
+                                                                 "streaming": True}) for c in calls)
     assert json.loads(result.report_path.read_text())["sources"]["saiga"]["loaded"] == 5
 
 

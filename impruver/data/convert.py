@@ -11,6 +11,7 @@ import gc
 import json
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from impruver.data.render import Encoder, Renderer, SourceOptions
 from impruver.errors import DataError
 
 _STATE: dict[str, Any] = {}
+TOKENS_SUFFIX = ".tokens"  # beside each shard: its samples' int32 ids, then their labels (for the token store)
 
 
 def init_worker(settings: dict[str, Any]) -> None:
@@ -202,6 +204,11 @@ def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[
     lines = [_line(sample.input_ids, sample.labels) for sample in samples]
     with open(shard, "wb") as handle:
         handle.write(b"".join(lines))
+    with open(shard + TOKENS_SUFFIX, "wb") as handle:  # the same samples for the token store: all ids, then labels
+        total = sum(len(s.input_ids) for s in samples)
+        for part in ("input_ids", "labels"):
+            values = chain.from_iterable(getattr(s, part) for s in samples)
+            handle.write(np.fromiter(values, dtype=np.int32, count=total).tobytes())
     return {"exact": exact, "bands": bands, "sigs": sigs, "shingles": shingled, "shingle_counts": shingle_counts,
             "per_unit": per_unit,
             "sizes": np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)),  # bytes of each line

@@ -243,9 +243,9 @@ def _openai_message(message: dict[str, Any], i: int) -> list[Message]:
         calls.append(function_call_content(call if isinstance(call, dict) else {}, f"message {i}"))
     if isinstance(message.get("function_call"), dict):  # the older OpenAI API
         calls.append(function_call_content(message["function_call"], f"message {i}"))
-    if role == "function_call":
-        return [{"role": "function_call", "content": _normal_call(content)}]
     out: list[Message] = []
+    if role == "function_call":  # impruver's own role (as its flat export writes it), reasoning kept
+        calls, content = [_normal_call(content)], ""
     if content or not calls:
         out.append({"role": role, "content": content})
     out += [{"role": "function_call", "content": c} for c in calls]

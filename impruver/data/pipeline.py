@@ -2,12 +2,14 @@
 
 Recipe: fingerprint -> (reuse) -> tokenizer -> stream every source in chunks through the worker processes
 (convert, render, tokenize, mask, dedup keys; samples to shard files) -> exact and near dedup across all sources
--> seeded split -> weights -> train / val JSONL, tokenizer folder and ``compose_report.json`` published
-atomically. Nothing is published when anything fails.
+-> seeded split -> weights -> train / val token stores and JSONL, tokenizer folder and ``compose_report.json``
+published atomically. Nothing is published when anything fails.
 
-Outputs (beside ``plan.train_path``): the train and val JSONL files (``{"input_ids", "labels", "attention_mask"}``
-per line, labels -100 where not trained), ``tokenizer/`` (the final tokenizer with its chat template) and
-``compose_report.json`` (counts per source, token statistics, the fingerprint).
+Outputs (beside ``plan.train_path``): the train and val token stores (``train.ids.npy``, ``train.labels.npy``,
+``train.offsets.npy``, see :mod:`impruver.data.store`: what training memory-maps and every rank shares), the same
+samples as JSONL for other tools (``{"input_ids", "labels", "attention_mask"}`` per line, labels -100 where not
+trained), ``tokenizer/`` (the final tokenizer with its chat template) and ``compose_report.json`` (counts per
+source, token statistics, the fingerprint).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from impruver.data.sources import fingerprint_source, iter_items
 from impruver.errors import DataError, RunError
 from impruver.ui import console, log
 
-DATA_VERSION = 1  # bump when the same inputs would give different outputs
+DATA_VERSION = 2  # bump when the same inputs would give different outputs
 CHUNK = 512  # records per task sent to a worker, at most
 CHUNK_BYTES = 8 << 20  # and at most about this many bytes of JSON lines (a few long documents make a task)
 REPORT = "compose_report.json"
@@ -57,14 +59,21 @@ class ComposeResult:
 # -- public entry points ----------------------------------------------------------------------------------------
 
 
-def run(plan: Any, *, force: bool = False, inspect: int | str | None = None) -> ComposeResult:
+def run(plan: Any, *, force: bool = False, inspect: int | str | None = None,
+        export_messages: str | None = None) -> ComposeResult:
     """The `impruver compose` stage: compose (or reuse), print the report, optionally show samples.
 
     Args:
         plan: the validated plan.
         force: recompose even when the fingerprint matches.
         inspect: show this many rendered training samples with the trained tokens highlighted.
+        export_messages: also write every source's conversations, as converted, to this JSONL file (see
+            :func:`write_messages`): e.g. OpenAssistant trees as flat chats.
     """
+    if export_messages:
+        counts = write_messages(plan, export_messages)
+        log.info("wrote %d conversations to %s (%s)", sum(counts.values()), export_messages,
+                 ", ".join(f"{name}: {n}" for name, n in counts.items()))
     result = compose(plan, force=force)
     show_report(result.report, reused=result.reused)
     if inspect:
@@ -91,6 +100,59 @@ def paths_of(plan: Any) -> dict[str, Path]:
     data = Path(plan.train_path).parent
     return {"train": Path(plan.train_path), "val": Path(plan.val_path), "report": data / REPORT,
             "tokenizer": data / TOKENIZER_DIR, "data": data}
+
+
+def write_messages(plan: Any, path: str | os.PathLike[str]) -> dict[str, int]:
+    """Write every source's conversations, as the formats convert them, to ``path``: one conversation a line
+    (``{"messages": [{"role", "content"}...], "tools": [...]}``, or ``{"text": ...}`` for raw text), in source
+    order. This is the flat chat form of any format, e.g. OpenAssistant trees (``format: oasst``, with its
+    ``branch`` and rank options) as plain chats that other tools read.
+
+    What the conversion decides is kept: the source's mapping, system prompt, ``roles_to_train`` /
+    ``train_on_last_turn_only`` (a turn kept out of the loss gets ``"weight": 0``) and reasoning
+    (``reasoning_content``). Tool calls stay impruver's ``function_call`` / ``function_response`` turns. Read back
+    with ``format: openai``, the file gives the same conversations. Nothing here is tokenized, deduplicated or
+    split: that is compose's work. Records that fail follow ``dataset.on_error``. The file is replaced atomically.
+
+    Returns:
+        conversations written per source.
+    """
+    import orjson
+
+    settings = _settings(plan, Path("."))
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    written: dict[str, int] = {}
+    try:
+        with tmp.open("wb") as out:
+            for name, spec in plan.sources.items():
+                counts = convert.new_counts()
+                items = iter_items(spec, name=name, seed=plan.dataset.seed)
+                written[name] = 0
+                for _, conversation in convert.convert_items(items, settings["sources"][name],
+                                                             plan.dataset.on_error, counts):
+                    out.write(orjson.dumps(_flat(conversation), option=orjson.OPT_APPEND_NEWLINE))
+                    written[name] += 1
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written
+
+
+def _flat(conversation: dict[str, Any]) -> dict[str, Any]:
+    """A canonical conversation as an OpenAI-style record that ``format: openai`` reads back unchanged."""
+    if "text" in conversation:
+        return {"text": conversation["text"]}
+    messages = []
+    for message in conversation["messages"]:
+        flat = {"role": message["role"], "content": message["content"]}
+        if message.get("reasoning"):
+            flat["reasoning_content"] = message["reasoning"]
+        if message.get("train") is False:
+            flat["weight"] = 0
+        messages.append(flat)
+    return {"messages": messages, **({"tools": conversation["tools"]} if conversation.get("tools") else {})}
 
 
 # -- fingerprint ---------------------------------------------------------------------------------------------------
@@ -130,7 +192,11 @@ def _folder_digest(path: str) -> str | None:
 
 def _up_to_date(paths: dict[str, Path], digest: str) -> dict[str, Any] | None:
     """The saved report when every output exists and was made from the same fingerprint."""
+    from impruver.data.store import has_store
+
     if not all(paths[k].exists() for k in ("train", "val", "report", "tokenizer")):
+        return None
+    if not (has_store(paths["train"]) and has_store(paths["val"])):
         return None
     try:
         report = json.loads(paths["report"].read_text(encoding="utf-8"))
@@ -505,10 +571,18 @@ def _val_count(spec: Any, kept: int) -> int:
 
 
 def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], work: Path) -> dict[str, Any]:
-    """Stream the shards into train.jsonl / val.jsonl in the work folder; token statistics per split."""
+    """Stream the shards into train.jsonl / val.jsonl and the token stores beside them (train.ids.npy, ...) in the
+    work folder; token statistics per split. One shard is in memory at a time."""
+    from impruver.data.store import StoreWriter, store_files
+
     sample_unit = np.repeat(np.arange(len(collected["per_unit"])), collected["per_unit"])  # (samples,)
     to_val = decisions["val"][sample_unit]
     copies = decisions["repeats"][sample_unit]
+    lengths, trainable = collected["lengths"], collected["trainable"]
+    stores = {"train": StoreWriter(store_files(work / "train.jsonl"), tokens=int(np.dot(lengths, copies)),
+                                   samples=int(copies.sum())),
+              "val": StoreWriter(store_files(work / "val.jsonl"), tokens=int(lengths[to_val].sum()),
+                                 samples=int(to_val.sum()))}
     # Each shard is read whole and copied in runs of consecutive lines that go to the same place (line byte
     # sizes come from the workers); only lines repeated by a weight are written one by one.
     ends = np.cumsum(collected["sizes"])  # (samples,) end of each line in its shard's bytes, plus earlier shards
@@ -519,6 +593,7 @@ def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], 
                 continue
             with open(shard, "rb") as handle:
                 data = memoryview(handle.read())
+            tokens = _ShardTokens(shard, lengths[first:first + count])
             base = int(ends[first - 1]) if first else 0
             stop = ends[first:first + count] - base  # (count,) end of each line in ``data``
             where = np.where(to_val[first:first + count], -1, copies[first:first + count])  # -1: validation
@@ -527,16 +602,36 @@ def _write_outputs(collected: dict[str, Any], decisions: dict[str, np.ndarray], 
                 start, end = (int(stop[a - 1]) if a else 0), int(stop[b - 1])
                 if where[a] == -1:
                     val.write(data[start:end])
+                    stores["val"].add(*tokens.run(a, b))
                 elif where[a] == 1:
                     train.write(data[start:end])
+                    stores["train"].add(*tokens.run(a, b))
                 elif where[a] > 1:
                     for k in range(a, b):
                         line = data[(int(stop[k - 1]) if k else 0):int(stop[k])]
                         train.write(bytes(line) * int(where[a]))
+                        for _ in range(int(where[a])):
+                            stores["train"].add(*tokens.run(k, k + 1))
             first += count
-    lengths, trainable = collected["lengths"], collected["trainable"]
+    for store in stores.values():
+        store.close()
     return {"train": _stats(np.repeat(lengths, copies), np.repeat(trainable, copies)),
             "val": _stats(lengths[to_val], trainable[to_val])}
+
+
+class _ShardTokens:
+    """One shard's samples as int32 arrays (written by the worker beside the shard's JSON lines)."""
+
+    def __init__(self, shard: str, lengths: np.ndarray) -> None:
+        flat = np.fromfile(shard + convert.TOKENS_SUFFIX, dtype=np.int32)  # (2 * tokens,): ids, then labels
+        self.ids, self.labels = np.split(flat, 2)
+        self.lengths = lengths
+        self.offsets = np.r_[0, np.cumsum(lengths, dtype=np.int64)]  # (samples + 1,)
+
+    def run(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, labels and lengths of the shard's samples a..b-1."""
+        start, end = self.offsets[a], self.offsets[b]
+        return self.ids[start:end], self.labels[start:end], self.lengths[a:b]
 
 
 def _stats(lengths: np.ndarray, trainable: np.ndarray) -> dict[str, Any]:
@@ -587,6 +682,7 @@ def _report(plan: Any, digest: str, tokenizer: Any, collected: dict[str, Any], d
 
 def _publish(paths: dict[str, Path], work: Path, report: dict[str, Any]) -> None:
     """Move the outputs into place; the report (which marks them valid) goes last."""
+    from impruver.data.store import store_files
     from impruver.files import atomic_write_text
 
     paths["report"].unlink(missing_ok=True)
@@ -597,12 +693,16 @@ def _publish(paths: dict[str, Path], work: Path, report: dict[str, Any]) -> None
     shutil.rmtree(old, ignore_errors=True)
     for split in ("train", "val"):
         paths[split].parent.mkdir(parents=True, exist_ok=True)
-        if paths[split].parent.resolve() == work.parent.resolve():
-            os.replace(work / f"{split}.jsonl", paths[split])
-        else:  # another filesystem, perhaps: copy beside the target, then rename
-            tmp = paths[split].with_name(f".{paths[split].name}.tmp{os.getpid()}")
-            shutil.copyfile(work / f"{split}.jsonl", tmp)
-            os.replace(tmp, paths[split])
+        made = {work / f"{split}.jsonl": paths[split]}  # the JSONL export and the token store beside it
+        made.update({store_files(work / f"{split}.jsonl")[part]: target
+                     for part, target in store_files(paths[split]).items()})
+        for source, target in made.items():
+            if target.parent.resolve() == work.parent.resolve():
+                os.replace(source, target)
+            else:  # another filesystem, perhaps: copy beside the target, then rename
+                tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
     atomic_write_text(paths["report"], json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -682,4 +782,4 @@ def _runs(ids: list[int], labels: list[int]) -> Iterator[tuple[bool, list[int]]]
         yield bool(state), run
 
 
-__all__ = ["ComposeResult", "run", "ensure_composed", "load_composed_tokenizer", "fingerprint"]
+__all__ = ["ComposeResult", "run", "ensure_composed", "write_messages", "load_composed_tokenizer", "fingerprint"]

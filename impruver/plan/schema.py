@@ -113,6 +113,9 @@ class SourceSpec(Spec):
     train_on_last_turn_only: bool = False
     trust_remote_code: bool = False
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the format
+    # Hub sources: read through datasets' streaming (only the rows read are fetched; no whole download). A split
+    # with absolute bounds (train[:1000]) streams anyway; percentage bounds cannot stream.
+    streaming: bool = False
 
 
 class DedupSpec(Spec):

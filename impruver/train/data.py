@@ -1,4 +1,4 @@
-"""Token rows for training: read the composed JSONL, pack samples into rows, order and collate batches.
+"""Token rows for training: read the composed token store (or a JSONL), pack samples into rows, order and collate batches.
 
 The data stage defined what is trainable (``labels`` = -100 elsewhere); nothing here changes that. Two things
 happen to the labels, both exact:
@@ -30,58 +30,115 @@ log = logging.getLogger("impruver")
 
 @dataclass(frozen=True)
 class Samples:
-    """Tokenized samples stored flat: sample i is ``tokens[offsets[i]:offsets[i + 1]]``."""
+    """Tokenized samples: sample i is ``tokens[starts[i]:stops[i]]`` (and the same span of ``labels``).
+
+    ``tokens`` and ``labels`` are the composed token store's memory-mapped arrays (shared by every rank through
+    the page cache) or, for a JSONL file, arrays built from it; ``starts`` / ``stops`` (int64, one per sample)
+    select the samples kept and cut long ones, so nothing of the store is copied.
+    """
 
     tokens: np.ndarray  # int32, all samples concatenated
     labels: np.ndarray  # int32, -100 where no loss is taken
-    offsets: np.ndarray  # int64, n + 1 boundaries
+    starts: np.ndarray  # int64 (n,)
+    stops: np.ndarray  # int64 (n,)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.starts)
 
     def lengths(self) -> np.ndarray:
         """Tokens per sample (computed once)."""
         if "_lengths" not in self.__dict__:
-            object.__setattr__(self, "_lengths", np.diff(self.offsets))
+            object.__setattr__(self, "_lengths", self.stops - self.starts)
         return self.__dict__["_lengths"]
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.offsets[i], self.offsets[i + 1]
+        a, b = self.starts[i], self.stops[i]
         return self.tokens[a:b], self.labels[a:b]
 
 
 def read_samples(path: str | Path, *, max_len: int) -> Samples:
-    """Read ``{"input_ids", "labels"}`` JSONL; truncate samples longer than ``max_len``, drop untrainable ones.
+    """The composed samples of ``path`` (``data/train.jsonl``), samples longer than ``max_len`` truncated and
+    untrainable ones dropped.
+
+    Read from the token store beside the file (``train.ids.npy``, ...: memory-mapped, not copied) when compose
+    wrote one; a JSONL without a store (written by hand or by another tool), or one changed after the store was
+    written, is parsed line by line.
 
     Raises:
-        DataError: a missing file, or a line that is not such a record (names the file and line).
+        DataError: a missing file, a store that does not fit together, or a line that is not such a record
+            (names the file and line).
     """
+    from impruver.data.store import has_store, store_files
+
+    path = Path(path)
+    if has_store(path) and not (path.is_file() and path.stat().st_mtime_ns >
+                                store_files(path)["offsets"].stat().st_mtime_ns):
+        return read_store_samples(path, max_len=max_len)
+    if has_store(path):
+        log.warning("%s changed after its token store was written: reading the JSONL (recompose to rewrite both)",
+                    path)
+    return read_jsonl_samples(path, max_len=max_len)
+
+
+def read_store_samples(path: str | Path, *, max_len: int) -> Samples:
+    """The samples of the token store beside ``path``, memory-mapped (see :func:`read_samples`)."""
+    from impruver.data.store import open_store
+
+    try:
+        ids, labels, offsets = open_store(path)
+    except ValueError as exc:
+        raise DataError(f"{exc}; recompose with `impruver compose --force`") from None
+    return _kept(Path(path), ids, labels, offsets[:-1], offsets[1:], max_len)
+
+
+def read_jsonl_samples(path: str | Path, *, max_len: int) -> Samples:
+    """Read ``{"input_ids", "labels"}`` JSONL into memory (see :func:`read_samples`)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no composed data here; run `impruver compose` (or the main job) first")
     tokens: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    truncated = untrainable = 0
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            ids, labs = _parse_line(line, path, line_no)
-            if len(ids) > max_len:
-                ids, labs, truncated = ids[:max_len], labs[:max_len], truncated + 1
-            if len(ids) < 2 or not (labs[1:] != IGNORE_INDEX).any():
-                untrainable += 1  # nothing to predict: the first token is never a target
-                continue
-            tokens.append(ids)
-            labels.append(labs)
-    if truncated:
-        log.warning("%s: %d samples longer than %d tokens were truncated", path.name, truncated, max_len)
-    if untrainable:
-        log.warning("%s: %d samples with no trainable token were skipped", path.name, untrainable)
+            if line.strip():
+                ids, labs = _parse_line(line, path, line_no)
+                tokens.append(ids)
+                labels.append(labs)
     offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
     np.cumsum([len(t) for t in tokens], out=offsets[1:])
     empty = np.zeros(0, dtype=np.int32)
-    return Samples(np.concatenate(tokens) if tokens else empty, np.concatenate(labels) if labels else empty, offsets)
+    flat_ids = np.concatenate(tokens) if tokens else empty
+    return _kept(path, flat_ids, np.concatenate(labels) if labels else empty, offsets[:-1], offsets[1:], max_len)
+
+
+_BLOCK_TOKENS = 1 << 22  # tokens of labels looked at at once when finding the trainable samples (16 MB of int32)
+
+
+def _kept(path: Path, tokens: np.ndarray, labels: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+          max_len: int) -> Samples:
+    """Samples cut to ``max_len`` tokens, those with nothing to predict dropped (the first token is never a
+    target); the labels are scanned in bounded blocks, so a memory-mapped store is read, never copied whole."""
+    starts = np.asarray(starts, dtype=np.int64)
+    full = np.asarray(stops, dtype=np.int64)
+    stops = np.minimum(full, starts + max_len)
+    keep = np.zeros(len(starts), dtype=bool)
+    first = 0
+    while first < len(starts):
+        # Samples first..last-1 lie in tokens[starts[first]:stops[last - 1]] (consecutive in the file).
+        last = max(first + 1, int(np.searchsorted(starts, starts[first] + _BLOCK_TOKENS, side="right")))
+        base = int(starts[first])
+        # trained[k]: trained labels among the block's first k (int32: a block is at most a few million tokens)
+        trained = np.r_[0, np.cumsum(labels[base:int(full[last - 1])] != IGNORE_INDEX, dtype=np.int32)]
+        a, b = starts[first:last] - base + 1, stops[first:last] - base  # a sample's targets: labels[a:b] (block)
+        a = np.minimum(a, len(trained) - 1)
+        keep[first:last] = (b > a) & (trained[np.maximum(b, a)] > trained[a])
+        first = last
+    truncated = int((full > stops)[keep].sum())
+    if truncated:
+        log.warning("%s: %d samples longer than %d tokens were truncated", path.name, truncated, max_len)
+    if (~keep).any():
+        log.warning("%s: %d samples with no trainable token were skipped", path.name, int((~keep).sum()))
+    return Samples(tokens, labels, starts[keep], stops[keep])
 
 
 def _parse_line(line: str, path: Path, line_no: int) -> tuple[np.ndarray, np.ndarray]:
