@@ -49,7 +49,7 @@ CONFIG_MODULE = "impruver.conf"
 PRIMARY = "config"
 SECTIONS_NODE = "impruver_sections"  # ConfigStore node: the plan's sections as open mappings (see below)
 DEFAULT_PRESET = "demo"
-GROUPS = ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat", "preset")
+GROUPS = ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat", "objective", "preset")
 # Keep Hydra from taking over logging, the working directory or the outputs, whatever the primary config says.
 HYDRA_QUIET = ("hydra/job_logging=none", "hydra/hydra_logging=none", "hydra.output_subdir=null",
                "hydra.job.chdir=false")

@@ -217,6 +217,22 @@ class EvalSpec(Spec):
     show: int = Field(default=8, ge=0)  # example replies printed in the table (wrong ones first)
 
 
+class ObjectiveSpec(Spec):
+    """What the loss is (``objective:``): ``name`` names an objective component (registry 'objectives': sft, dpo,
+    ipo, orpo, simpo, kto or a plugin's); its other keys are that objective's options (``beta``, ...), validated
+    by the objective's own ``Options`` (:mod:`impruver.objectives`) when the plan is built. Orthogonal to
+    ``method``: every method trains with every objective."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+
+    name: str = "sft"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The objective's own options, as written (``lambda`` stays ``lambda``)."""
+        return dict(self.model_extra or {})
+
+
 class MemoryEstimate(Spec):
     """Peak GPU memory per device, in GiB, as estimated before anything loads."""
 
@@ -225,6 +241,7 @@ class MemoryEstimate(Spec):
     optimizer_gib: float
     activations_gib: float
     overhead_gib: float
+    reference_gib: float = 0.0  # a reference model the objective holds during training (frozen copy), if any
     total_gib: float
     budget_gib: float | None
     fits: bool | None
@@ -250,6 +267,7 @@ class Plan(Spec):
     train: TrainSpec
     chat: ChatSpec = ChatSpec()
     eval: EvalSpec = EvalSpec()  # the check a run ends with (impruver eval)
+    objective: ObjectiveSpec = ObjectiveSpec()  # the loss: sft unless a preference objective is chosen
     memory: MemoryEstimate | None = None
 
     @field_validator("method", mode="before")
