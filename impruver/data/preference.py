@@ -394,7 +394,7 @@ def compose_pairs(plan: Any, *, force: bool = False) -> Any:
     paths["data"].mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
     try:
-        tokenizer = pipeline._prepare_tokenizer(plan, work / pipeline.TOKENIZER_DIR)
+        tokenizer = _prepare_tokenizer(plan, work / pipeline.TOKENIZER_DIR)
         settings = pipeline._settings(plan, work / pipeline.TOKENIZER_DIR)
         encoder = _encoder(tokenizer)
         units, counts = [], {}
@@ -418,6 +418,45 @@ def compose_pairs(plan: Any, *, force: bool = False) -> Any:
 
 
 PAIR_DATA_VERSION = 1  # bump when the same inputs would give different pair lines
+
+
+def _prepare_tokenizer(plan: Any, folder: Any) -> Any:
+    """The plan's tokenizer, as the SFT compose builds it; one trained on the data reads the pairs' text."""
+    from impruver.components import tokenizer_needs_texts
+    from impruver.data.pipeline import check_special_tokens
+    from impruver.data.tokenizers import build_tokenizer
+
+    texts = _pair_texts(plan) if tokenizer_needs_texts(plan.tokenizer.builder) else None
+    tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
+    check_special_tokens(plan, tokenizer)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _pair_texts(plan: Any) -> Any:
+    """Every message of every usable record of the sources (a record that fails is the compose's to report)."""
+    from impruver import registry
+    from impruver.data import convert
+    from impruver.data.pipeline import BPE_SAMPLE_CHARS
+    from impruver.data.sources import iter_items
+
+    budget = BPE_SAMPLE_CHARS
+    for name, spec in plan.sources.items():
+        func = registry.lookup("formats", spec.format)
+        for _, payload in iter_items(spec, name=name, seed=plan.dataset.seed):
+            try:
+                record = convert.parse_payload(payload)
+                records = func(convert._mapped(record, dict(spec.mapping)) if spec.mapping else record,
+                               **spec.options)
+            except (RecordError, SkipRecord):
+                continue
+            for r in records:
+                text = "\n".join(m["content"] for k in ("prompt", "chosen", "rejected", "completion")
+                                 for m in r.get(k) or [])
+                budget -= len(text)
+                yield text
+                if budget <= 0:
+                    return
 
 
 def _encoder(tokenizer: Any) -> Any:

@@ -2,7 +2,7 @@
 
 :class:`SFTRecipe` is a small class with seams, read top to bottom::
 
-    recipe = recipe_class(plan)(plan)
+    recipe = SFTRecipe(plan)
     recipe.setup()      # checks -> accelerator -> seed, tokenizer, model, method -> rows -> optimizer -> resume
     recipe.train()      # the loop: accumulate, clip, step; log, evaluate() and save_checkpoint() by step count
     recipe.finish()     # final evaluation, the best checkpoint's weights, save, card; returns the summary
@@ -58,7 +58,7 @@ def run(plan: Plan, *, worker: bool = False, **_flags: Any) -> dict[str, Any]:
     Raises:
         RunError: the machine cannot run the plan, or the memory plan says it will not fit.
     """
-    recipe = SFTRecipe(plan)
+    recipe = recipe_class(plan)(plan)
     recipe.setup()
     recipe.train()
     return recipe.finish()
