@@ -137,11 +137,14 @@ def _without_missing(config: Any) -> Any:
 
 
 def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:
-    """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options."""
+    """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options; a preference objective
+    adds its name (outputs/demo-dpo), so a preference run never writes over the SFT run it starts from."""
+    objective = choices.get("objective")
+    suffix = f"-{objective}" if objective and objective != "sft" else ""
     if preset:
-        return os.path.join("outputs", preset)
+        return os.path.join("outputs", preset + suffix)
     parts = [choices.get(g) for g in ("model", "method", "dataset")]
-    return os.path.join("outputs", "_".join(p.replace("/", "-") for p in parts if p) or "run")
+    return os.path.join("outputs", "_".join(p.replace("/", "-") for p in parts if p) or "run") + suffix
 
 
 def _method_schema(raw: dict[str, Any]) -> type[MethodSpec]:
