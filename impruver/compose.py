@@ -51,7 +51,7 @@ CONFIG_MODULE = "impruver.conf"
 PRIMARY = "config"
 SECTIONS_NODE = "impruver_sections"  # ConfigStore node: the plan's sections as open mappings (see below)
 DEFAULT_PRESET = "demo"
-GROUPS = ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat", "preset")
+GROUPS = ("model", "tokenizer", "dataset", "method", "hardware", "train", "chat", "objective", "preset")
 # Groups that change only how or where a run trains, never what: choosing only these keeps the demo preset
 # (`impruver hardware=cpu_ddp hardware.num_processes=2` still trains the demo into outputs/demo). Any other
 # group (model, tokenizer, dataset, method, preset, or one a plugin adds) names a recipe of its own.

@@ -108,7 +108,15 @@ def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool |
             grads *= 2  # data parallel without sharding (DDP): its gradient buckets hold a second copy
         opt = trainable * opt_bytes / shard_opt
 
-    tokens = batch * plan.seq_len
+    # The objective's share: a reference model held in memory (a frozen copy for full training; none for an
+    # adapter method, whose reference is the model with its adapter disabled, or precomputed log-probs), and the
+    # sequences per sample whose activations are kept (a pair: two).
+    from impruver.objectives import objective_of
+
+    extra = objective_of(plan).memory(n_params=n, adapter=method_of(plan).adapter,
+                                      compute_bytes=2.0 if half else 4.0)
+    reference = extra.reference_bytes  # a whole frozen copy on every device (never sharded or wrapped)
+    tokens = batch * plan.seq_len * extra.sequences_per_sample
     act_bytes = 2.0 if half else 4.0
     per_token_layer = (2 * shape.d * act_bytes / 2) if ckpt else (34 * shape.d * act_bytes / 2)
     activations = tokens * shape.n_layer * per_token_layer
@@ -118,7 +126,8 @@ def estimate(plan: Plan, *, batch_size: int | None = None, checkpointing: bool |
     # upper bound: impruver's loss runs the head only on target tokens (the assistant turns of chat SFT).
     logits = tokens * shape.vocab * (act_bytes + 12)
     activations += logits
-    parts = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations}
+    parts = {"weights": weights, "gradients": grads, "optimizer": opt, "activations": activations,
+             "reference": reference}
     gib = {k: v / GIB for k, v in parts.items()}
     gib["overhead"] = CUDA_OVERHEAD_GIB + (FRAGMENTATION - 1) * sum(gib.values())
     gib["total"] = sum(gib.values())
@@ -143,6 +152,7 @@ def estimate_memory(plan: Plan) -> Any:
         weights_gib=round(gib["weights"], 2), gradients_gib=round(gib["gradients"], 2),
         optimizer_gib=round(gib["optimizer"], 2), activations_gib=round(gib["activations"], 2),
         overhead_gib=round(gib["overhead"], 2), total_gib=round(gib["total"], 2),
+        reference_gib=round(gib["reference"], 2),
         budget_gib=budget, fits=fits, suggestions=suggestions, trainable_params=trainable,
     )
 

@@ -462,6 +462,11 @@ def build_objective(name: str, options: dict[str, Any] | None = None) -> Any:
     return cls(options=cls.Options.model_validate(dict(options or {})))
 
 
+def objective_of(plan: Any) -> Any:
+    """The objective of a validated plan (``plan.objective``: its name and options), built."""
+    return build_objective(plan.objective.name, plan.objective.options)
+
+
 def _problem(err: Any, cls: type, key: str) -> Problem:
     where = ".".join([key, *map(str, err["loc"])])
     if err["type"] == "extra_forbidden":
@@ -551,5 +556,5 @@ def _gather(per_token: Tensor, index: Tensor, n_sequences: int) -> SequenceLogps
 __all__ = [
     "Dpo", "Ipo", "Kto", "Metrics", "Objective", "ObjectiveMemory", "Orpo", "SequenceLogps", "Sft", "Simpo",
     "build_objective", "check_objective", "data_problems", "model_sequence_logps", "objective_class",
-    "objective_names", "objectives", "sequence_ids_from_positions", "sequence_logps", "token_logps",
+    "objective_names", "objective_of", "objectives", "sequence_ids_from_positions", "sequence_logps", "token_logps",
 ]

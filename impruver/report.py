@@ -49,10 +49,12 @@ def render_memory(memory: Any, plan: Any) -> Table:
     table = Table(title=f"estimated peak GPU memory per device: {memory.total_gib:.1f} GiB{budget}{verdict}"
                         f"{trainable}",
                   title_justify="left")
-    for col in ("weights", "gradients", "optimizer", "activations", "overhead"):
+    columns = ("weights", "gradients", "optimizer", "activations", "overhead")
+    if getattr(memory, "reference_gib", 0):  # a reference model the objective holds (full-parameter DPO)
+        columns = (*columns[:4], "reference", columns[4])
+    for col in columns:
         table.add_column(col, justify="right")
-    table.add_row(*(f"{getattr(memory, f'{c}_gib'):.2f}" for c in
-                    ("weights", "gradients", "optimizer", "activations", "overhead")))
+    table.add_row(*(f"{getattr(memory, f'{c}_gib'):.2f}" for c in columns))
     if memory.suggestions:
         table.caption = "would fit: " + " | ".join(memory.suggestions)
     return table

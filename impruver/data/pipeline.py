@@ -210,6 +210,10 @@ def _up_to_date(paths: dict[str, Path], digest: str) -> dict[str, Any] | None:
 
 def compose(plan: Any, *, force: bool = False) -> ComposeResult:
     """Compose the plan's dataset, or reuse the last composition when nothing it depends on changed."""
+    if _preference(plan):  # pairs (or labelled answers) for a preference objective: their own path, same rules
+        from impruver.data.preference import compose_pairs
+
+        return compose_pairs(plan, force=force)
     paths = paths_of(plan)
     digest = fingerprint(plan)
     saved = None if force else _up_to_date(paths, digest)
@@ -256,6 +260,12 @@ class _Clock:
         self.seconds[name] = round(time.perf_counter() - start, 3)
         log.debug("compose %s: %.2f s", name, self.seconds[name])
         return value
+
+
+def _preference(plan: Any) -> bool:
+    from impruver.objectives import objective_of
+
+    return bool(objective_of(plan).preference)
 
 
 def _result(paths: dict[str, Path], digest: str, report: dict[str, Any], reused: bool) -> ComposeResult:
@@ -752,6 +762,10 @@ def _reasons(counts: dict[str, int]) -> str:
 
 def show_samples(result: ComposeResult, count: int) -> None:
     """Print ``count`` training samples as text, the trained tokens highlighted."""
+    if result.report.get("records") in ("pair", "labelled"):
+        from impruver.data.preference import show_pairs
+
+        return show_pairs(result, count)
     from rich.text import Text
     from transformers import AutoTokenizer
 

@@ -358,12 +358,319 @@ def _without_first_exchange(prompt: list[Message]) -> list[Message] | None:
     return [*prompt[:first], *prompt[users[0]:]] if users else None
 
 
+# ---- compose: the pair path of `impruver compose` (called by the pipeline when the objective is a preference one) --
+
+def record_kind(plan: Any) -> str:
+    """What a preference plan's composed lines hold: ``pair`` (dpo, ipo, orpo, simpo) or ``labelled`` (kto; its
+    pairs are unpaired into one desirable and one undesirable answer)."""
+    from impruver.objectives import objective_of
+
+    return PAIR if objective_of(plan).pairs else LABELLED
+
+
+def compose_pairs(plan: Any, *, force: bool = False) -> Any:
+    """Compose a preference mix: the SFT pipeline's fingerprint, tokenizer, renderer, masks, length limit, exact
+    dedup, seeded split, weights and report, applied to pairs (or labelled answers) as wholes.
+
+    Each train / val line is one pair ``{"chosen": {input_ids, labels}, "rejected": {...}, "prompt_tokens": n}``
+    (or ``{"completion": {...}, "label": bool}``). Returns the pipeline's :class:`ComposeResult`; the report's
+    ``records`` says which kind the lines hold.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from impruver.data import pipeline
+    from impruver.errors import DataError
+
+    kind = record_kind(plan)
+    paths = pipeline.paths_of(plan)
+    digest = hashlib.sha256(f"{pipeline.fingerprint(plan)}:{kind}:{PAIR_DATA_VERSION}".encode()).hexdigest()
+    saved = None if force else pipeline._up_to_date(paths, digest)
+    if saved is not None:
+        pipeline.log.info("dataset up to date (fingerprint %s): reusing %s", digest[:12], paths["data"])
+        return pipeline._result(paths, digest, saved, reused=True)
+    paths["data"].mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
+    try:
+        tokenizer = _prepare_tokenizer(plan, work / pipeline.TOKENIZER_DIR)
+        settings = pipeline._settings(plan, work / pipeline.TOKENIZER_DIR)
+        encoder = _encoder(tokenizer)
+        units, counts = [], {}
+        for name, spec in plan.sources.items():
+            counts[name] = _source_units(plan, name, spec, settings["sources"][name], settings["on_error"], encoder,
+                                         kind, units)
+        decisions = _decide_units(plan, units)
+        stats = _write_units(units, decisions, work)
+        report = _pair_report(plan, digest, tokenizer, settings, counts, units, decisions, stats, kind)
+        if not report["train"]["samples"]:
+            raise DataError("no preference pair is left after composition: " + "; ".join(
+                f"{n}: {r['loaded']} loaded, {sum(r['invalid'].values())} invalid, {sum(r['skipped'].values())} "
+                f"skipped, {r['too_long']} too long (max_tokens {plan.max_tokens}), {r['duplicates']} duplicates"
+                for n, r in report["sources"].items()))
+        pipeline._publish(paths, work, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    pipeline.log.info("composed %d train / %d val %ss: %s", report["train"]["samples"], report["val"]["samples"],
+                      kind, paths["data"])
+    return pipeline._result(paths, digest, report, reused=False)
+
+
+PAIR_DATA_VERSION = 1  # bump when the same inputs would give different pair lines
+
+
+def _prepare_tokenizer(plan: Any, folder: Any) -> Any:
+    """The plan's tokenizer, as the SFT compose builds it; one trained on the data reads the pairs' text."""
+    from impruver.components import tokenizer_needs_texts
+    from impruver.data.pipeline import check_special_tokens
+    from impruver.data.tokenizers import build_tokenizer
+
+    texts = _pair_texts(plan) if tokenizer_needs_texts(plan.tokenizer.builder) else None
+    tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
+    check_special_tokens(plan, tokenizer)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _pair_texts(plan: Any) -> Any:
+    """Every message of every usable record of the sources (a record that fails is the compose's to report)."""
+    from impruver import registry
+    from impruver.data import convert
+    from impruver.data.pipeline import BPE_SAMPLE_CHARS
+    from impruver.data.sources import iter_items
+
+    budget = BPE_SAMPLE_CHARS
+    for name, spec in plan.sources.items():
+        func = registry.lookup("formats", spec.format)
+        for _, payload in iter_items(spec, name=name, seed=plan.dataset.seed):
+            try:
+                record = convert.parse_payload(payload)
+                records = func(convert._mapped(record, dict(spec.mapping)) if spec.mapping else record,
+                               **spec.options)
+            except (RecordError, SkipRecord):
+                continue
+            for r in records:
+                text = "\n".join(m["content"] for k in ("prompt", "chosen", "rejected", "completion")
+                                 for m in r.get(k) or [])
+                budget -= len(text)
+                yield text
+                if budget <= 0:
+                    return
+
+
+def _encoder(tokenizer: Any) -> Any:
+    """The SFT encoder (renderer from the composed tokenizer's template), as the compose workers build it."""
+    from impruver.data.render import Encoder, Renderer
+    from impruver.data.tokenizers import special_tokens_of
+
+    return Encoder(tokenizer, Renderer.from_template(tokenizer.chat_template, special_tokens_of(tokenizer)))
+
+
+def _source_units(plan: Any, name: str, spec: Any, source: dict[str, Any], on_error: str, encoder: Any, kind: str,
+                  units: list[dict[str, Any]]) -> dict[str, Any]:
+    """Read, convert, check and encode one source's records into ``units`` (one encoded pair or labelled answer
+    each, with its dedup key); the source's counts, as the SFT compose counts them."""
+    from impruver import registry
+    from impruver.data import convert, dedup
+    from impruver.data.sources import iter_items
+
+    func = registry.lookup("formats", source["format"])
+    produced = produces_of(func)
+    counts = convert.new_counts()
+    for where, payload in iter_items(spec, name=name, seed=plan.dataset.seed):
+        counts["loaded"] += 1
+        try:
+            record = convert.parse_payload(payload)
+            if source["mapping"]:
+                record = convert._mapped(record, source["mapping"])
+            records = func(record, **source["options"])
+            if produced == PAIR and kind == LABELLED:
+                records = [r for pair in records for r in unpair(pair)]
+        except SkipRecord as skip:
+            counts["skipped"][skip.reason] += 1
+            continue
+        except RecordError as exc:
+            convert.fail(exc, where, source, on_error, counts)
+            continue
+        for record in records:
+            counts["converted"] += 1
+            record = {**record, "prompt": _with_system(_system_of(source), record["prompt"])}
+            encoded = (encode_pair if kind == PAIR else encode_labelled)(encoder, record, source["render"])
+            if isinstance(encoded, RecordError):
+                if encoded.reason == "too_long":
+                    counts["too_long"] += 1
+                elif encoded.reason == "no_trainable_tokens":
+                    counts["no_trainable"] += 1
+                else:
+                    convert.fail(encoded, where, source, on_error, counts)
+                continue
+            units.append({"source": name, "line": encoded, "key": dedup.exact_key(_dedup_text(record))})
+    return counts
+
+
+def _system_of(source: dict[str, Any]) -> list[Message]:
+    return [{"role": "system", "content": source["system"]}] if source.get("system") else []
+
+
+def _dedup_text(record: PairRecord) -> str:
+    """What duplicates are judged on: the prompt without its system turn, and the answers (a pair, or a labelled
+    answer with its label)."""
+    import json
+
+    prompt = [m for m in record["prompt"] if m["role"] != "system"]
+    answers = [record[k] for k in ("chosen", "rejected", "completion", "label") if k in record]
+    return json.dumps([_words(prompt), *[_words(a) if isinstance(a, list) else a for a in answers]],
+                      ensure_ascii=False)
+
+
+def _decide_units(plan: Any, units: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact duplicates out (first kept), a seeded validation split, and each source's weight as copies: the
+    SFT compose's rules, on whole pairs (near-duplicate detection is not applied: preference sets share
+    prompts on purpose)."""
+    import numpy as np
+
+    from impruver.data import pipeline
+
+    spec = plan.dataset
+    n = len(units)
+    seen: set[int] = set()
+    duplicate = np.zeros(n, dtype=bool)
+    for i, unit in enumerate(units):
+        if spec.dedup.exact and unit["key"] in seen:
+            duplicate[i] = True
+        seen.add(unit["key"])
+    kept = np.flatnonzero(~duplicate)
+    val = np.zeros(n, dtype=bool)
+    n_val = pipeline._val_count(spec, len(kept))
+    if n_val:
+        val[np.random.default_rng(spec.seed).choice(kept, size=n_val, replace=False)] = True
+    weights = np.array([plan.sources[u["source"]].weight for u in units], dtype=float)
+    draws = np.random.default_rng([spec.seed, 1]).random(n)
+    repeats = (np.floor(weights) + (draws < weights - np.floor(weights))).astype(np.int64)
+    repeats[duplicate | val] = 0
+    return {"duplicate": duplicate, "val": val, "repeats": repeats}
+
+
+def _write_units(units: list[dict[str, Any]], decisions: dict[str, Any], work: Any) -> dict[str, Any]:
+    """train.jsonl and val.jsonl in the work folder; token statistics per split (a pair's tokens: both sides)."""
+    import numpy as np
+    import orjson
+
+    from impruver.data import pipeline
+
+    lengths, trained = [], []
+    for unit in units:
+        sides = [unit["line"][k] for k in ("chosen", "rejected", "completion") if k in unit["line"]]
+        lengths.append(sum(len(s["input_ids"]) for s in sides))
+        trained.append(sum(sum(1 for x in s["labels"] if x != IGNORE) for s in sides))
+    with (work / "train.jsonl").open("wb") as train, (work / "val.jsonl").open("wb") as val:
+        for unit, to_val, copies in zip(units, decisions["val"], decisions["repeats"]):
+            line = orjson.dumps(unit["line"]) + b"\n"
+            if to_val:
+                val.write(line)
+            else:
+                train.write(line * int(copies))
+    lengths_a, trained_a = np.array(lengths, dtype=np.int64), np.array(trained, dtype=np.int64)
+    return {"train": pipeline._stats(np.repeat(lengths_a, decisions["repeats"]),
+                                     np.repeat(trained_a, decisions["repeats"])),
+            "val": pipeline._stats(lengths_a[decisions["val"]], trained_a[decisions["val"]])}
+
+
+IGNORE = -100  # impruver.record.IGNORE_INDEX (imported lazily elsewhere in this module)
+
+
+def _pair_report(plan: Any, digest: str, tokenizer: Any, settings: dict[str, Any], counts: dict[str, Any],
+                 units: list[dict[str, Any]], decisions: dict[str, Any], stats: dict[str, Any],
+                 kind: str) -> dict[str, Any]:
+    """The SFT compose report's shape (so ``show_report`` prints it), counting pairs; ``records`` names the kind."""
+    import numpy as np
+
+    from impruver.data import pipeline
+
+    source = np.array([u["source"] for u in units])
+    rows = {}
+    for name, c in counts.items():
+        mine = source == name if len(units) else np.zeros(0, dtype=bool)
+        chosen = settings["sources"][name]
+        rows[name] = {
+            "format": chosen["format"] + (f" ({chosen['detected']})" if chosen["detected"] else ""),
+            "loaded": c["loaded"], "converted": c["converted"], "invalid": dict(sorted(c["invalid"].items())),
+            "skipped": dict(sorted(c["skipped"].items())), "too_long": c["too_long"],
+            "no_trainable": c["no_trainable"], "truncated": 0, "dropped_messages": 0, "reasoning_dropped": 0,
+            "duplicates": int((decisions["duplicate"] & mine).sum()), "near_duplicates": 0,
+            "near_kept_by_exact_jaccard": 0,
+            "kept": int(((decisions["repeats"] > 0) | decisions["val"])[mine].sum()),
+            "weighted_out": int((~decisions["duplicate"] & ~decisions["val"] & (decisions["repeats"] == 0))[mine].sum()),
+            "train_samples": int(decisions["repeats"][mine].sum()), "val_samples": int(decisions["val"][mine].sum()),
+        }
+    return {
+        "fingerprint": digest, "data_version": PAIR_DATA_VERSION, "records": kind,
+        "train_path": str(plan.train_path), "val_path": str(plan.val_path),
+        "tokenizer": {"builder": plan.tokenizer.builder, "path": plan.tokenizer.path, "vocab_size": len(tokenizer),
+                      "chat_template": plan.tokenizer.chat_template or "(the tokenizer's own)"},
+        "settings": {"max_tokens": plan.max_tokens, "length_policy": plan.dataset.length_policy,
+                     "on_error": plan.dataset.on_error, "seed": plan.dataset.seed,
+                     "dedup": {"exact": plan.dataset.dedup.exact, "near": False}},
+        "sources": rows, "train": stats["train"], "val": stats["val"],
+    }
+
+
+def read_pairs(path: Any) -> list[dict[str, Any]]:
+    """The composed pair (or labelled) lines of ``path``; a line of another shape is a DataError naming it."""
+    from pathlib import Path
+
+    import orjson
+
+    from impruver.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no composed data here; run `impruver compose` (or the main job) first")
+    out = []
+    with path.open("rb") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            record = orjson.loads(line)
+            if not isinstance(record, dict) or not ({"chosen", "rejected"} <= record.keys() or "completion" in record):
+                raise DataError(f"{path}:{line_no}: not a composed preference record (chosen/rejected or "
+                                "completion/label); recompose with `impruver compose --force`")
+            out.append(record)
+    return out
+
+
+def show_pairs(result: Any, count: int) -> None:
+    """``compose --inspect``: ``count`` composed pairs as text, the shared prompt once, then each answer with its
+    trained tokens highlighted."""
+    from rich.text import Text
+    from transformers import AutoTokenizer
+
+    from impruver.data.pipeline import _runs
+    from impruver.ui import console
+
+    tokenizer = AutoTokenizer.from_pretrained(result.tokenizer_dir)
+    for n, record in zip(range(count), read_pairs(result.train_path)):
+        sides = [(k, record[k]) for k in ("chosen", "rejected", "completion") if k in record]
+        first = sides[0][1]
+        start = next((i for i, x in enumerate(first["labels"]) if x != IGNORE), len(first["labels"]))
+        console.rule(f"pair {n + 1}: prompt {start} tokens" if "chosen" in record else
+                     f"answer {n + 1} ({'desirable' if record['label'] else 'undesirable'}): prompt {start} tokens")
+        console.print(Text(tokenizer.decode(first["input_ids"][:start]), style="dim"))
+        for side, sample in sides:
+            text = Text(f"[{side}, {sum(1 for x in sample['labels'] if x != IGNORE)} trained] ", style="bold")
+            for trained, run in _runs(sample["input_ids"][start:], sample["labels"][start:]):
+                text.append(tokenizer.decode(run), style=("bold green" if side != "rejected" else "bold red")
+                            if trained else "dim")
+            console.print(text)
+
+
 def unpair(pair: PairRecord) -> list[PairRecord]:
     """A pair as two labelled records (KTO on paired data, as TRL's ``unpair_preference_dataset``)."""
     return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True, "tools": pair.get("tools")},
             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False, "tools": pair.get("tools")}]
 
 
-__all__ = ["LABELLED", "PAIR", "alpaca_preference", "check_labelled", "check_pair", "encode_labelled",
-           "encode_pair", "openai_preference", "produces_of", "sharegpt_preference", "split_shared_prompt",
+__all__ = ["LABELLED", "PAIR", "alpaca_preference", "check_labelled", "check_pair", "compose_pairs",
+           "encode_labelled", "encode_pair", "read_pairs", "record_kind", "show_pairs", "openai_preference", "produces_of", "sharegpt_preference", "split_shared_prompt",
            "trl_kto", "trl_preference", "unpair"]

@@ -17,6 +17,7 @@ from impruver.plan.build import default_output_dir, make_plan
 from impruver.plan.io import load_plan, to_yaml, write_plan
 from impruver.plan.probes import environment_problems
 from impruver.plan.schema import (PLAN_VERSION, ArchSpec, ChatSpec, DatasetSpec, DedupSpec, EvalSpec, ExportSpec, HardwareSpec,
+                                  ObjectiveSpec,
                                   MemoryEstimate, MethodSpec, ModelSpec, Plan, SourceSpec, Spec, TokenizerSpec,
                                   TrainSpec, redact)
 
@@ -34,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "PLAN_VERSION", "ArchSpec", "ChatSpec", "DatasetSpec", "DedupSpec", "EvalSpec", "ExportSpec", "HardwareSpec", "LoraSpec",
+    "PLAN_VERSION", "ArchSpec", "ChatSpec", "DatasetSpec", "DedupSpec", "EvalSpec", "ExportSpec", "HardwareSpec", "ObjectiveSpec", "LoraSpec",
     "MemoryEstimate", "MethodSpec", "ModelSpec", "Plan", "QuantizationSpec", "SourceSpec", "Spec",
     "TokenizerSpec", "TrainSpec", "atomic_write_text", "default_output_dir", "environment_problems", "load_plan",
     "make_plan", "redact", "to_yaml", "write_plan",

@@ -20,7 +20,7 @@ from impruver import registry
 from impruver.errors import ConfigError, Problem, choices_hint
 from impruver.families import local_config
 from impruver.layout import RunLayout
-from impruver.plan.schema import (ChatSpec, DatasetSpec, EvalSpec, ExportSpec, HardwareSpec, MethodSpec, ModelSpec, Plan, Spec, TokenizerSpec,
+from impruver.plan.schema import (ChatSpec, DatasetSpec, EvalSpec, ExportSpec, HardwareSpec, MethodSpec, ModelSpec, ObjectiveSpec, Plan, Spec, TokenizerSpec,
                                   TrainSpec, problems_from)
 
 # torch DistributedDataParallel settings a `ddp:` section may give (with or without the `ddp_` prefix).
@@ -38,6 +38,7 @@ SECTIONS: dict[str, type[Spec]] = {
     "chat": ChatSpec,
     "eval": EvalSpec,
     "export": ExportSpec,
+    "objective": ObjectiveSpec,
 }
 # Top-level shorthands users of the recipe catalogue type: `resume=auto`, and a `ddp:` section of DDP settings.
 SHORTHANDS = {"resume": ("train", "resume"), "ddp": ("train", "ddp")}
@@ -73,6 +74,7 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
                     problems.extend(_with_owner(problem, raw) if name == "method" else [problem])
 
     problems.extend(_check_registry_names(sections))  # also for the sections that did validate
+    problems.extend(_objective_checks(sections))
     if len(sections) == len(SECTIONS) and not any(p.key.startswith("method.builder") for p in problems):
         sections = _resolve_defaults(sections, choices)
         problems.extend(_check_rules(sections))
@@ -136,11 +138,14 @@ def _without_missing(config: Any) -> Any:
 
 
 def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:
-    """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options."""
+    """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options; a preference objective
+    adds its name (outputs/demo-dpo), so a preference run never writes over the SFT run it starts from."""
+    objective = choices.get("objective")
+    suffix = f"-{objective}" if objective and objective != "sft" else ""
     if preset:
-        return os.path.join("outputs", preset)
+        return os.path.join("outputs", preset + suffix)
     parts = [choices.get(g) for g in ("model", "method", "dataset")]
-    return os.path.join("outputs", "_".join(p.replace("/", "-") for p in parts if p) or "run")
+    return os.path.join("outputs", "_".join(p.replace("/", "-") for p in parts if p) or "run") + suffix
 
 
 def _method_schema(raw: dict[str, Any]) -> type[MethodSpec]:
@@ -242,6 +247,29 @@ def _component_checks(sections: dict[str, Any]) -> list[Problem]:
 
     draft = Plan.model_construct(output_dir="", train_path="", val_path="", **sections)
     return method_named(draft.method.builder).check(draft)
+
+
+def _objective_checks(sections: dict[str, Any]) -> list[Problem]:
+    """The objective's name and options (its own schema, with the valid choices), its own rules given whether
+    the method trains an adapter, and whether every source's format gives the records it trains on."""
+    from impruver.components import method_named
+    from impruver.objectives import check_objective, data_problems, objective_names
+
+    spec = sections.get("objective")
+    if spec is None:
+        return []
+    method = sections.get("method")
+    adapter = bool(method is not None and registry.has("methods", method.builder)
+                   and method_named(method.builder).adapter)
+    problems = check_objective(spec.name, spec.options, "objective", adapter=adapter)
+    if problems or spec.name not in objective_names() or "dataset" not in sections:
+        return problems
+    from impruver.data.preference import produces_of
+
+    produces = {name: produces_of(registry.lookup("formats", source.format))
+                for name, source in sections["dataset"].sources.items()
+                if source.enabled and source.format != AUTO and registry.has("formats", source.format)}
+    return data_problems(spec.name, produces)
 
 
 def _check_builder_options(sections: dict[str, Any]) -> list[Problem]:

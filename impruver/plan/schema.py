@@ -246,6 +246,22 @@ class ExportSpec(Spec):
             raise ValueError("; ".join(p.message for p in exc.problems)) from None
 
 
+class ObjectiveSpec(Spec):
+    """What the loss is (``objective:``): ``name`` names an objective component (registry 'objectives': sft, dpo,
+    ipo, orpo, simpo, kto or a plugin's); its other keys are that objective's options (``beta``, ...), validated
+    by the objective's own ``Options`` (:mod:`impruver.objectives`) when the plan is built. Orthogonal to
+    ``method``: every method trains with every objective."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+
+    name: str = "sft"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The objective's own options, as written (``lambda`` stays ``lambda``)."""
+        return dict(self.model_extra or {})
+
+
 class MemoryEstimate(Spec):
     """Peak GPU memory per device, in GiB, as estimated before anything loads."""
 
@@ -254,6 +270,7 @@ class MemoryEstimate(Spec):
     optimizer_gib: float
     activations_gib: float
     overhead_gib: float
+    reference_gib: float = 0.0  # a reference model the objective holds during training (frozen copy), if any
     total_gib: float
     budget_gib: float | None
     fits: bool | None
@@ -280,6 +297,7 @@ class Plan(Spec):
     chat: ChatSpec = ChatSpec()
     eval: EvalSpec = EvalSpec()  # the check a run ends with (impruver eval)
     export: ExportSpec = ExportSpec()  # what impruver export writes (GGUF types)
+    objective: ObjectiveSpec = ObjectiveSpec()  # the loss: sft unless a preference objective is chosen
     memory: MemoryEstimate | None = None
 
     @field_validator("method", mode="before")

@@ -130,8 +130,13 @@ def plot_loss(output_dir: str | Path) -> Path | None:
 
 def format_line(record: dict[str, Any], total_steps: int) -> str:
     """A plain log line for a train record."""
-    return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+    extra = "".join(f"  {label} {record[key]:.3f}" for key, label in PREFERENCE_LINE if key in record)
+    return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}{extra}  lr {record['lr']:.2e}  "
             f"{record['tokens_per_s']:,.0f} tok/s  eta {_eta(record.get('eta_s'))}")
+
+
+# A preference objective's metrics shown on the progress line when a train record has them (impruver.objectives).
+PREFERENCE_LINE = (("rewards/accuracy", "acc"), ("rewards/margin", "margin"))
 
 
 def _eta(seconds: float | None) -> str:

@@ -145,7 +145,9 @@ class PreferenceLoss(torch.nn.Module):
             raise ValueError(f"objective '{objective.name}' is not a preference objective (SFT uses TokenLoss)")
         self.objective = objective
         self.model = model
-        self.reference = reference
+        # Not a submodule: the reference is frozen and outside the trained module, so it is never in a checkpoint,
+        # the final weights, an optimizer's groups or a strategy's wrapping (the recipe moves it to the device).
+        object.__setattr__(self, "reference", reference)
         if reference is not None:
             reference.requires_grad_(False).eval()
 

@@ -58,10 +58,21 @@ def run(plan: Plan, *, worker: bool = False, **_flags: Any) -> dict[str, Any]:
     Raises:
         RunError: the machine cannot run the plan, or the memory plan says it will not fit.
     """
-    recipe = SFTRecipe(plan)
+    recipe = recipe_class(plan)(plan)
     recipe.setup()
     recipe.train()
     return recipe.finish()
+
+
+def recipe_class(plan: Plan) -> type[SFTRecipe]:
+    """The recipe the plan's objective trains with, asked of the objective: SFT, or pairs for a preference one."""
+    from impruver.objectives import objective_of
+
+    if objective_of(plan).preference:
+        from impruver.train.pref_recipe import PreferenceRecipe
+
+        return PreferenceRecipe
+    return SFTRecipe
 
 
 class SFTRecipe:
@@ -313,7 +324,8 @@ class SFTRecipe:
                               "loss": float(acc.reduce(window_loss, "sum")) / max(window_targets, 1),
                               "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                               "tokens": state.tokens, "tokens_per_s": speed,
-                              "elapsed_s": state.elapsed_s + now - self.started, "eta_s": eta, "world_size": world}
+                              "elapsed_s": state.elapsed_s + now - self.started, "eta_s": eta, "world_size": world,
+                              **self.train_metrics()}
                     self.writer.write(record)
                     bar.update(task, completed=state.step, info=f"loss {record['loss']:.4f} lr {lr:.2e} "
                                f"{speed:,.0f} tok/s")
@@ -332,6 +344,14 @@ class SFTRecipe:
                     state.history.append({"step": state.step, "eval_loss": self.last_eval})
                 if save_now:
                     self.save_checkpoint(self.last_eval)
+
+    def train_metrics(self) -> dict[str, float]:
+        """The objective's own metrics of the logging window, added to each train record (SFT: none)."""
+        return {}
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """The objective's own results, added to the run summary at the end (SFT: none)."""
+        return {}
 
     def evaluate(self) -> float | None:
         """The token-weighted validation loss over all ranks (None without validation data)."""
@@ -383,7 +403,8 @@ class SFTRecipe:
                    "tokens": state.tokens, "world_size": self.world, "train_samples": len(self.train_samples),
                    "val_samples": len(self.val_samples) if self.has_val else 0,
                    "elapsed_s": round(state.elapsed_s, 2),
-                   "tokens_per_s": round((state.tokens - self.tokens_at_start) / max(this_run_s, 1e-9), 1)}
+                   "tokens_per_s": round((state.tokens - self.tokens_at_start) / max(this_run_s, 1e-9), 1),
+                   **self.summary_metrics()}
         config = getattr(self.model, "config", None)
         if config is not None:
             config.pad_token_id = self.saved_pad_id
