@@ -249,8 +249,6 @@ def save_checkpoint(output_dir: str | Path, *, strategy: Any, accelerator: Any, 
     ``model`` and ``optimizer`` are the prepared ones: the strategy decides what of them is written and by whom.
     ``plan_text`` (the plan as YAML) is saved beside them for the next resume to compare with.
     """
-    import torch
-
     final = checkpoint_dir(output_dir, state.step)
     tmp = final.with_name(f".{final.name}.tmp")  # one name for every rank: all write their part into it
     main = accelerator.is_main_process
@@ -258,6 +256,22 @@ def save_checkpoint(output_dir: str | Path, *, strategy: Any, accelerator: Any, 
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        _write_parts(tmp, final, strategy=strategy, accelerator=accelerator, model=model, optimizer=optimizer,
+                     scheduler=scheduler, state=state, plan_text=plan_text)
+    except BaseException:
+        if main:  # a full disk (or Ctrl+C) while saving leaves no half checkpoint behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_parts(tmp: Path, final: Path, *, strategy: Any, accelerator: Any, model: Any, optimizer: Any,
+                 scheduler: Any, state: TrainState, plan_text: str | None) -> None:
+    import torch
+
+    main = accelerator.is_main_process
     strategy.save_state(accelerator, tmp, model=model, optimizer=optimizer)
     torch.save(_rng_state(), tmp / f"rng_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()  # every shard is on disk before the checkpoint counts
@@ -270,8 +284,6 @@ def save_checkpoint(output_dir: str | Path, *, strategy: Any, accelerator: Any, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def load_checkpoint(folder: Path, *, strategy: Any, accelerator: Any, model: Any, optimizer: Any,
