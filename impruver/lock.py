@@ -69,6 +69,16 @@ def remove_stale_work(root: Path) -> list[Path]:
     return removed
 
 
+def holder(output_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The record (pid, host, started) of the live run holding ``output_dir``, or None when no run holds it (no
+    lock, or one left by a run that is no longer running): what `impruver chat` asks before saying "in progress"."""
+    lock = RunLayout.of(output_dir).lock
+    if not lock.is_file():
+        return None
+    owner = owner_of(lock)
+    return owner if owner is not None and _alive(lock, owner) else None
+
+
 def owner_of(lock: Path) -> dict[str, Any] | None:
     """The lock's record (pid, host, started, ...), or None when it is missing or unreadable."""
     try:
@@ -151,4 +161,4 @@ def _busy(lock: Path, owner: dict[str, Any] | None) -> str:
             f"another output_dir=PATH. If that run is gone (another machine, a reused pid), delete {lock}")
 
 
-__all__ = ["owner_of", "remove_stale_work", "run_lock"]
+__all__ = ["holder", "owner_of", "remove_stale_work", "run_lock"]

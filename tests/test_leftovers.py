@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_train_support import prepare, tiny_plan, use_files  # noqa: F401  (fixture)
 
-from impruver import cli
+from impruver import cli, lock
 from impruver.errors import RunError
 from impruver.layout import RunLayout
 
@@ -61,9 +61,11 @@ def test_a_second_run_on_a_busy_output_dir_exits_2_naming_the_pid(tmp_path: Path
     holder = _holder(out)
     try:
         code, err = _cli(capsys, "train", "--plan", str(plan_file))
+        assert lock.holder(out)["pid"] == holder.pid  # what chat asks before saying a run is in progress
     finally:
         holder.kill()
         holder.wait()
+    assert lock.holder(out) is None  # killed: its lock no longer counts
     assert code == 2 and f"pid {holder.pid}" in err and "Traceback" not in err, err
     assert not (out / "model.safetensors").exists()
     assert list((out / "data").glob(".compose-*")), "a live run's work folder is not touched"

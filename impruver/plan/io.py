@@ -39,9 +39,12 @@ def write_plan(plan: Plan, folder: str | os.PathLike[str] | None = None) -> Path
     """
     layout = RunLayout.of(folder or plan.output_dir)
     text = to_yaml(plan)
-    _keep_hand_edits(layout, text)
+    record = folder is None or Path(folder).resolve() == Path(plan.output_dir).resolve()  # the run's own record
+    if record:  # (a copy beside an export is no record: it gets no hash file)
+        _keep_hand_edits(layout, text)
     atomic_write_text(layout.plan, text)
-    atomic_write_text(layout.plan_hash, _sha256(text) + "\n")
+    if record:
+        atomic_write_text(layout.plan_hash, _sha256(text) + "\n")
     return layout.plan
 
 

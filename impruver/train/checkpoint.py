@@ -66,7 +66,8 @@ UNCHANGING = ("version", "preset", "choices", "output_dir", "train_path", "val_p
               "train.load_best_at_end", "train.resume", "train.resume_changes", "train.report_to", "train.num_workers",
               "train.memory_check", "train.compile", "train.gradient_checkpointing", "hardware.name",
               "hardware.gpu_memory_gib", "hardware.main_process_ip", "hardware.main_process_port",
-              "hardware.machine_rank", "dataset.num_proc")
+              "hardware.machine_rank", "hardware.device", "hardware.backend", "model.attn_implementation",
+              "train.ddp", "dataset.num_proc")
 # The data-order signature's entries: the plan key that names each, then the plan keys (or sections) whose change
 # explains a change of it (a changed train.epochs changes total_steps: listed once, as train.epochs).
 SIGNATURE_KEYS: dict[str, tuple[str, ...]] = {
