@@ -37,7 +37,7 @@ HYDRA_FLAGS = {"--multirun", "-m", "--run", "-r", "--help", "-h", "--hydra-help"
 INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 # impruver's flags besides the stages' own (which come from their run functions' signatures): name -> takes a
 # value. --report-to (the recipe catalogue's finetune flag) is train.report_to=[X] for the training stages.
-COMMON_FLAGS = {"config": True}
+COMMON_FLAGS = {"config": True, "plan": True}  # --plan FILE: run a frozen plan.yaml exactly (no composition)
 COMMAND_FLAGS = {"plan": {"yaml": False}, "main": {"report_to": True}, "train": {"report_to": True}}
 # Whose versions --version prints beside impruver's.
 DEPENDENCIES = ("torch", "transformers", "peft", "accelerate", "datasets", "hydra-core")
@@ -191,6 +191,9 @@ def config_source(args: Args) -> tuple[str | None, list[str]]:
     if not target:
         return None, list(args.overrides)
     if Path(target).is_file():
+        if _is_frozen_plan(Path(target)):
+            raise ConfigError([Problem("--config", f"{target} is a frozen plan (a run's plan.yaml), not a config: "
+                                       f"run it as it is with `impruver train --plan {target}`")])
         return str(target), list(args.overrides)
     from impruver.compose import list_options
 
@@ -201,12 +204,28 @@ def config_source(args: Args) -> tuple[str | None, list[str]]:
                                f"{choices_hint(target, presets)}")])
 
 
+def _is_frozen_plan(path: Path) -> bool:
+    """A plan.yaml impruver wrote: it records the plan version and the composed data's paths."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the config reader reports what is wrong with it
+    return isinstance(data, dict) and {"version", "train_path", "val_path"} <= data.keys()
+
+
 def cmd_plan(args: Args) -> int:
     from impruver.compose import plan_job
     from impruver.plan import environment_problems
 
-    config_file, overrides = config_source(args)
-    plan = plan_job(overrides, config_file=config_file)
+    if "plan" in args.flags:  # check and show a frozen plan file
+        from impruver.plan import load_plan
+
+        plan = load_plan(args.flags["plan"])
+    else:
+        config_file, overrides = config_source(args)
+        plan = plan_job(overrides, config_file=config_file)
     if args.flags.get("yaml"):
         console.print(plan.to_yaml(), end="", markup=False, highlight=False)
     else:
@@ -230,6 +249,8 @@ def launch(stage: str, args: Args) -> int:
     report_to = args.flags.pop("report_to", None)
     if report_to:
         args.overrides.append(f"train.report_to=[{report_to}]")
+    if "plan" in args.flags:
+        return run_frozen_plan(stage, args)
     flags = {k: v for k, v in args.flags.items() if k != "config"}
     config_file, overrides = config_source(args)
     problems = hydra_side.check_safe(overrides, config_file)
@@ -250,6 +271,24 @@ def launch(stage: str, args: Args) -> int:
     hydra_side.run_hydra(job, config_file=config_file, argv=_hydra_argv(args, [*settings, *overrides]))
     if sweep_dir is not None and sweep_dir.is_dir():
         _summarize(sweep_dir)
+    return 0
+
+
+def run_frozen_plan(stage: str, args: Args) -> int:
+    """``--plan FILE``: run the plan as written (validated by the schema, never composed again), so a run can be
+    repeated exactly from its ``<output_dir>/plan.yaml`` or from an edited copy of it."""
+    from impruver.jobs import run_job
+    from impruver.plan import load_plan
+
+    path = args.flags["plan"]
+    if args.overrides or args.hydra or "config" in args.flags:
+        extra = " ".join([*args.hydra, *(["--config"] if "config" in args.flags else []), *args.overrides])
+        raise ConfigError([Problem("--plan", f"runs {path} exactly, so it takes no overrides, --config or Hydra "
+                                   f"flags (got: {extra}); edit the file, or plan again with them: "
+                                   "impruver plan --yaml OVERRIDES > FILE")])
+    plan = load_plan(path)
+    flags = {k: v for k, v in args.flags.items() if k not in ("config", "plan")}
+    run_job(stage, plan, [f"--plan={path}"], **flags)
     return 0
 
 

@@ -11,6 +11,10 @@
 
 Under an outside launcher (``accelerate launch -m impruver ...``) every rank arrives here: the main rank composes
 and freezes the plan once, the others wait, then all train.
+
+A job that writes into ``output_dir`` (compose, train, main) holds its lock (:mod:`impruver.lock`): a second run on
+the same folder stops at once, and the work files of a dead run are removed. A full disk or a refused write while
+it runs ends in a message saying what to do (:func:`impruver.files.disk_errors`), not a traceback.
 """
 
 from __future__ import annotations
@@ -32,29 +36,47 @@ STAGES = ("compose", "train", "chat", "serve", "export", "eval")
 def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     """Compose if needed, freeze the plan, then train in this process or start the workers."""
     from impruver import launch
+    from impruver.files import disk_errors
+    from impruver.lock import run_lock
     from impruver.train.recipe import run as train
 
-    if launch.under_launcher():
-        launch.prepare_ranks(plan)
-        return train(plan, worker=True)
-    prepare(plan, force=force)
-    if launch.needs_launch(plan):
-        return launch.spawn(plan)
-    return train(plan)
+    if launch.under_launcher():  # the ranks of an outside launcher: its main process owns the folder
+        with disk_errors():
+            launch.prepare_ranks(plan)
+            return train(plan, worker=True)
+    with run_lock(plan.output_dir), disk_errors():
+        prepare(plan, force=force)
+        if launch.needs_launch(plan):
+            return launch.spawn(plan)
+        return train(plan)
 
 
 def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     """The main job (``impruver [overrides]``): train, then ask the model the plan's questions (``eval``), once,
     in this process, when training has ended; the summary gets the accuracy."""
     from impruver import launch
+    from impruver.lock import run_lock
 
-    result = train_job(plan, force=force)
-    if plan.eval.questions and not launch.under_launcher():
-        from impruver.evaluate import run as evaluate
+    if launch.under_launcher():
+        return train_job(plan, force=force)
+    with run_lock(plan.output_dir):  # held from training through the check
+        result = train_job(plan, force=force)
+        if plan.eval.questions:
+            from impruver.evaluate import run as evaluate
 
-        checked = evaluate(plan)
-        result = {**result, "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"]}
+            checked = evaluate(plan)
+            result = {**result, "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"]}
     return result
+
+
+def compose_job(plan: Plan, *, force: bool = False, inspect: int | str | None = None) -> Any:
+    """The `impruver compose` stage (:func:`impruver.data.pipeline.run`) under the run folder's lock."""
+    from impruver.data import pipeline
+    from impruver.files import disk_errors
+    from impruver.lock import run_lock
+
+    with run_lock(plan.output_dir), disk_errors():
+        return pipeline.run(plan, force=force, inspect=inspect)
 
 
 def prepare(plan: Plan, *, force: bool = False) -> None:
@@ -75,7 +97,7 @@ def prepare(plan: Plan, *, force: bool = False) -> None:
 STAGE_FUNCTIONS = {
     "main": "impruver.jobs:main_job",
     "train": "impruver.jobs:train_job",
-    "compose": "impruver.data.pipeline:run",
+    "compose": "impruver.jobs:compose_job",
     "chat": "impruver.chat.repl:run",
     "serve": "impruver.chat.server:run",
     "export": "impruver.train.export:run",
@@ -106,12 +128,14 @@ def prepare_sweep(plans: list[Plan]) -> None:
     """Compose the data of a sweep's jobs once, before they start (joblib runs them at once, and two jobs must
     not compose the same folder concurrently); each job then finds its data up to date."""
     from impruver.data import pipeline
+    from impruver.lock import run_lock
 
     seen: set[str] = set()
     for plan in plans:
         if plan.train_path not in seen:
             seen.add(plan.train_path)
-            pipeline.ensure_composed(plan)
+            with run_lock(plan.output_dir):
+                pipeline.ensure_composed(plan)
 
 
 def run_stage(stage: str, plan: Plan, **flags: Any) -> Any:
@@ -138,5 +162,5 @@ def write_run_summary(plan: Plan, result: Any, overrides: list[str]) -> None:
     atomic_write_text(RunLayout.of(plan.output_dir).run_summary, json.dumps(record, indent=2, ensure_ascii=False))
 
 
-__all__ = ["STAGES", "STAGE_FUNCTIONS", "main_job", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags",
+__all__ = ["STAGES", "STAGE_FUNCTIONS", "compose_job", "main_job", "prepare", "prepare_sweep", "run_job", "run_stage", "stage_flags",
            "stage_function", "train_job", "write_run_summary"]

@@ -9,10 +9,14 @@ started by a launcher (``accelerate launch -m impruver ...``, torchrun), it runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from impruver.errors import RunError
@@ -90,11 +94,100 @@ def spawn(plan: Plan) -> dict[str, Any]:
     from impruver.ui import log
 
     log.info("launching %d processes: %s", total_processes(plan), shlex.join(cmd))
-    result = subprocess.run(cmd, env=launch_env(plan))
-    if result.returncode != 0:
-        raise RunError(f"the distributed run failed (exit status {result.returncode}); its workers' output is "
+    returncode = run_workers(cmd, launch_env(plan))
+    if returncode != 0:
+        raise RunError(f"the distributed run failed (exit status {returncode}); its workers' output is "
                        f"above. Relaunch with: {shlex.join(cmd)}")
     return {"world_size": total_processes(plan), "plan": str(plan_path)}
+
+
+# -- the workers' lifetime is this process's ------------------------------------------------------------------
+# torch's launcher starts each worker in a session of its own, so a signal to impruver's process group never
+# reaches them: without this, killing `impruver` (SIGTERM from a scheduler, Ctrl+C) leaves the workers training.
+
+STOP_GRACE_S = 15.0  # how long the launcher gets to stop its workers before everything left is killed
+
+
+def run_workers(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher and wait for it; return its exit status.
+
+    SIGTERM and SIGINT received meanwhile are forwarded to the launcher, which stops its workers; whatever of
+    them is still running when this returns or raises (an error, a second signal) is killed.
+
+    Raises:
+        Interrupted: a signal stopped the run (exit status 128 + its number).
+    """
+    proc = subprocess.Popen(cmd, env=env)
+    received: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)  # torch's agent stops every worker on SIGTERM
+
+    previous = _handle((signal.SIGTERM, signal.SIGINT), forward)
+    try:
+        code = proc.wait()
+    finally:
+        try:
+            _stop(proc)
+        finally:
+            _handle(previous, None)
+    if received:
+        raise Interrupted(received[0])
+    return code
+
+
+def _handle(signals: Any, handler: Any) -> dict[int, Any]:
+    """Install ``handler`` for ``signals`` (or restore a {signal: handler} mapping); returns the old ones.
+    Python takes signals only in the main thread: elsewhere nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    pairs = signals.items() if isinstance(signals, dict) else ((s, handler) for s in signals)
+    return {sig: signal.signal(sig, new) for sig, new in pairs}
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """Stop the launcher and every process under it: SIGTERM, a grace period, then SIGKILL for what is left."""
+    family = descendants(proc.pid)  # before the launcher ends: its orphans would be re-parented out of reach
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STOP_GRACE_S)
+    family += descendants(proc.pid)
+    for pid in dict.fromkeys([*family, proc.pid]):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under ``pid`` (children, grandchildren, ...), read from /proc; [] where there is none."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = entry.read_text()
+        except OSError:
+            continue  # ended while we looked
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Interrupted(RunError):
+    """The run was stopped by a signal; its workers were stopped with it."""
+
+    def __init__(self, signum: int) -> None:
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}: the workers were stopped too; continue "
+                         "from the last checkpoint with train.resume=auto")
 
 
 def prepare_ranks(plan: Plan) -> None:

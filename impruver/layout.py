@@ -11,6 +11,11 @@ spelled once::
         base/                     an adapter's randomly initialised base, when it exists nowhere else
         merged/                   a LoRA adapter merged into its base (impruver export)
         gguf/                     <name>-<type>.gguf + <name>-<type>.Modelfile (impruver export --gguf)
+        .lock                     held by the run that uses the folder now: pid, host, start time
+        .plan.sha256              the hash of the plan.yaml the last run wrote (hand edits are noticed)
+
+Work files of a run that died (``data/.compose-*``, ``checkpoints/.step-*.tmp``, ``.name.tmp<pid>``) match
+:data:`WORK_GLOBS`; the next run that takes the lock removes them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ BASE_DIR = "base"
 MERGED_DIR = "merged"
 GGUF_DIR = "gguf"
 MULTIRUN_DIR = "multirun"
+LOCK_FILE = ".lock"
+PLAN_HASH_FILE = ".plan.sha256"
+# Temporary work of a run, relative to the run folder: a compose's work folder, a checkpoint being written, a file
+# being written atomically (impruver.files), an export being assembled. Only a dead run leaves them behind.
+WORK_GLOBS = (f"{DATA_DIR}/.compose-*", f"{DATA_DIR}/.*.tmp*", f"{CHECKPOINTS_DIR}/.*.tmp*", ".*.tmp*")
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,18 @@ class RunLayout:
     def multirun(self) -> Path:
         return self.root / MULTIRUN_DIR
 
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
+    def plan_hash(self) -> Path:
+        return self.root / PLAN_HASH_FILE
+
+    def stale_work(self) -> list[Path]:
+        """Work files and folders left in this run folder by runs that ended before cleaning up."""
+        return sorted({p for pattern in WORK_GLOBS for p in self.root.glob(pattern)})
+
 
 __all__ = ["RunLayout", "PLAN_FILE", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "METRICS_FILE", "RUN_SUMMARY",
-           "EVAL_FILE", "SWEEP_SUMMARY", "BASE_DIR", "MERGED_DIR"]
+           "EVAL_FILE", "SWEEP_SUMMARY", "BASE_DIR", "MERGED_DIR", "LOCK_FILE", "PLAN_HASH_FILE", "WORK_GLOBS"]

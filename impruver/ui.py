@@ -12,6 +12,7 @@ import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape  # messages quote overrides such as train.resume_changes=[train.lr]
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
@@ -86,8 +87,8 @@ def _rank_prefix() -> str:
 
 
 def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {_rank_prefix()}{message}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {_rank_prefix()}{escape(message)}", markup=True, highlight=False)
 
 
 def print_warning(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {_rank_prefix()}{message}", markup=True, highlight=False)
+    err_console.print(f"[yellow]warning:[/] {_rank_prefix()}{escape(message)}", markup=True, highlight=False)

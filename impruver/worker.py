@@ -18,10 +18,12 @@ def main(argv: list[str] | None = None) -> int:
         print_error("usage: python -m impruver.worker PLAN_YAML (started by accelerate launch)")
         return 2
     try:
+        from impruver.files import disk_errors
         from impruver.plan import load_plan
         from impruver.train.recipe import run
 
-        run(load_plan(argv[0]), worker=True)
+        with disk_errors():
+            run(load_plan(argv[0]), worker=True)
     except ImpruverError as exc:
         print_error(str(exc))
         return exc.exit_code

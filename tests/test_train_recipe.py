@@ -151,5 +151,5 @@ def test_resume_refuses_settings_that_change_the_data_order(tmp_path: Path, use_
 
     out = prepare(tmp_path / "run")
     run(tiny_plan(out, train={"max_steps": 10, "save_steps": 5}))
-    with pytest.raises(RunError, match="batch_size: 4 -> 2"):
+    with pytest.raises(RunError, match="train.batch_size: 4 -> 2"):
         run(tiny_plan(out, train={"max_steps": 10, "save_steps": 5, "batch_size": 2, "resume": "auto"}))

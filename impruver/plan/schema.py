@@ -19,8 +19,18 @@ from impruver.errors import Problem, choices_hint
 
 PLAN_VERSION = 2  # 2: the method section is {builder, **options}; family and distributed are registry names
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)$", re.IGNORECASE)
-SECRET_KEY_ALLOWED = {"bos_token", "eos_token", "pad_token", "unk_token", "max_tokens", "max_new_tokens"}
+# Keys whose values are secrets, matched as whole keys (case-insensitive, '-' read as '_'): `token` and
+# `wandb_api_key` are secrets, `sep_token` and `max_tokens` are not. A name ending in one of the suffixes is too.
+SECRET_NAMES = frozenset({"token", "api_key", "apikey", "password", "passwd", "secret", "hf_token", "access_token",
+                          "auth_token", "refresh_token", "bearer_token", "secret_key", "private_key", "client_secret",
+                          "credentials"})
+SECRET_SUFFIXES = ("_api_key", "_apikey", "_password", "_secret", "_secret_key", "_access_token", "_auth_token",
+                   "_hf_token", "_private_key")
+# Sections whose keys are data, not settings: a source's `mapping: {token: text}` renames a field called token.
+DATA_KEYED = frozenset({"mapping"})
+# Environment variables whose values are secrets: one of these words in the name (HF_TOKEN, WANDB_API_KEY, ...).
+SECRET_ENV_WORDS = frozenset({"TOKEN", "KEY", "APIKEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS", "PAT"})
+SECRET_ENV_MIN_LEN = 8  # shorter values (`1`, `true`) would redact ordinary settings that happen to equal them
 
 
 class Spec(BaseModel):
@@ -192,6 +202,10 @@ class TrainSpec(Spec):
     logging_steps: int = Field(default=10, gt=0)
     seed: int = 42
     resume: str = "never"  # never | auto | a checkpoint folder
+    # Plan keys (or whole sections: `dataset`) a resume may change although they change the optimisation, e.g.
+    # [train.lr, train.weight_decay]; they apply from the checkpoint's step and the run's record says so. A resume
+    # that changes any other such key is refused with the list of differences.
+    resume_changes: list[str] = Field(default_factory=list)
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list)
     num_workers: int = Field(default=0, ge=0)
     ddp: dict[str, Any] = Field(default_factory=dict)  # e.g. {ddp_find_unused_parameters: false}
@@ -350,14 +364,41 @@ class Plan(Spec):
         return self.train.max_seq_len or self.max_tokens
 
 
-def redact(value: Any, key: str = "") -> Any:
-    """Replace secrets (API keys, tokens, passwords) by '***' so they never reach a saved plan or a log."""
+def redact(value: Any, key: str = "", *, env: dict[str, str] | None = None) -> Any:
+    """Replace secrets by '***' so they never reach a saved plan or a log.
+
+    Two rules: a value under a secret key (:func:`is_secret_key`), and any occurrence, under any key, of the value
+    of a secret environment variable (:func:`secret_env_values`: what ``${oc.env:HF_TOKEN}`` put in the config).
+    The keys of data sections (a source's ``mapping``) are field names and are left alone.
+    """
+    secrets = secret_env_values(os.environ if env is None else env)
+    return _redact(value, key, secrets)
+
+
+def is_secret_key(key: str) -> bool:
+    name = key.lower().replace("-", "_")
+    return name in SECRET_NAMES or name.endswith(SECRET_SUFFIXES)
+
+
+def secret_env_values(env: Any) -> list[str]:
+    """Values of environment variables whose names hold a secret word (split at '_'), longest first."""
+    values = {value for name, value in env.items()
+              if len(value) >= SECRET_ENV_MIN_LEN and SECRET_ENV_WORDS & set(name.upper().split("_"))}
+    return sorted(values, key=len, reverse=True)  # a longer secret containing a shorter one goes first
+
+
+def _redact(value: Any, key: str, secrets: list[str]) -> Any:
     if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
+        if key in DATA_KEYED:
+            return {k: _redact(v, "", secrets) for k, v in value.items()}
+        return {k: _redact(v, str(k), secrets) for k, v in value.items()}
     if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if isinstance(value, str) and key not in SECRET_KEY_ALLOWED and SECRET_KEY.search(key):
-        return "***"
+        return [_redact(v, key, secrets) for v in value]
+    if isinstance(value, str):
+        if is_secret_key(key):
+            return "***"
+        for secret in secrets:
+            value = value.replace(secret, "***")
     return value
 
 

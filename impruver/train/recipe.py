@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -223,7 +224,13 @@ class SFTRecipe:
         self.forward_model = torch.compile(self.loss_model) if compile_model else self.loss_model
 
     def resume(self) -> None:
-        """Weights, optimizer, schedule and RNG from the last checkpoint; the data order follows the step."""
+        """Weights, optimizer, schedule and RNG from the last good checkpoint; the data order follows the step.
+
+        The plan is compared with the checkpoint's first (:func:`~impruver.train.checkpoint.plan_changes`): a
+        change of the optimisation not named in ``train.resume_changes`` refuses the resume. The optimizer's
+        settings and the schedule then come from this plan, applied from the checkpoint's step. A damaged
+        checkpoint (missing or truncated file) is reported and the one before it is used (``resume=auto``).
+        """
         from impruver.train import checkpoint as ckpt
 
         spec = self.spec
@@ -231,17 +238,63 @@ class SFTRecipe:
                      "world_size": self.world, "seq_len": self.seq_len, "packing": spec.packing,
                      "rows": len(self.batches.rows), "total_steps": self.total_steps}
         self.state = ckpt.TrainState(signature=signature)
-        folder = ckpt.resolve_resume(spec.resume, self.plan.output_dir)
-        if folder is not None:
-            saved = json.loads((folder / ckpt.STATE_FILE).read_text(encoding="utf-8")).get("signature", {})
-            ckpt.check_signature(saved, signature, folder)  # before loading: a mismatch may not even load
-            self.state = ckpt.load_checkpoint(folder, strategy=self.strategy, accelerator=self.accelerator,
-                                              model=self.loss_model, optimizer=self.optimizer,
-                                              scheduler=self.scheduler)
+        candidates = ckpt.resume_candidates(spec.resume, self.plan.output_dir)
+        # The optimizer's settings as this plan builds them (lr, weight decay, betas, ...): loading a checkpoint
+        # puts the saved ones back in its parameter groups; the plan's are restored after it.
+        planned = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        damaged: list[str] = []
+        for folder in candidates:
+            try:
+                saved = ckpt.read_state(folder)
+                changes = ckpt.plan_changes(folder, self.plan, signature, saved.signature)
+                ckpt.accepted_changes(folder, changes, list(spec.resume_changes))  # before loading anything
+                state = ckpt.load_checkpoint(folder, strategy=self.strategy, accelerator=self.accelerator,
+                                             model=self.loss_model, optimizer=self.optimizer,
+                                             scheduler=self.scheduler)
+            except ckpt.DamagedCheckpoint as exc:
+                if spec.resume != "auto":
+                    raise RunError(f"train.resume: {exc}; resume from another checkpoint (train.resume=auto "
+                                   "takes the latest good one) or start over with train.resume=never") from None
+                log.warning("%s: resuming from the checkpoint before it", exc)
+                damaged.append(str(exc))
+                continue
+            self.state = state
             self.state.signature = signature
-            log.info("resuming from %s at step %d of %d", folder, self.state.step, self.total_steps)
-        elif spec.resume == "auto":
+            self.state.resumes.append({"step": state.step, "from": str(folder),
+                                       "changes": {k: list(v) for k, v in changes.items()}})
+            self.apply_planned_settings(planned)
+            log.info("resuming from %s at step %d of %d%s", folder, state.step, self.total_steps,
+                     "".join(f"; {k}: {old} -> {new}" for k, (old, new) in changes.items()))
+            return
+        if damaged:
+            raise RunError("train.resume=auto: no checkpoint in "
+                           f"{self.layout.checkpoints} can be used:\n" + "\n".join(f"  - {d}" for d in damaged) +
+                           "\nStart over with train.resume=never (the damaged folders can be deleted).")
+        if spec.resume == "auto":
             log.info("train.resume=auto: no checkpoint in %s, starting from step 0", self.plan.output_dir)
+
+    def apply_planned_settings(self, planned: list[dict[str, Any]]) -> None:
+        """After loading a checkpoint: the optimizer's settings from this plan, the schedule at the saved step.
+
+        ``planned`` holds each parameter group's settings as this plan built them. The schedule's position
+        (``last_epoch``) is the checkpoint's; its shape (warmup, length, kind) and peak LR are this plan's, so the
+        LR from this step on is what a run planned this way from the start would use. Unchanged settings restore
+        exactly what was loaded: an uninterrupted and a resumed run stay bitwise equal.
+        """
+        groups, scheduler = self.optimizer.param_groups, self.scheduler
+        if len(groups) != len(planned):
+            raise RunError(f"train.resume: the checkpoint's optimizer has {len(groups)} parameter groups, this "
+                           f"plan builds {len(planned)}; start over with train.resume=never")
+        for group, settings in zip(groups, planned):
+            group.update({k: v for k, v in settings.items() if k not in ("lr", "initial_lr")})
+            group["initial_lr"] = settings.get("initial_lr", settings["lr"])
+        scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is not None:  # LambdaLR (every built-in schedule): LR = peak x factor(step)
+            lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, lambdas)]
+            for group, lr in zip(groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
 
     def setup_metrics(self) -> None:
         from impruver.train.metrics import MetricsWriter
@@ -281,8 +334,11 @@ class SFTRecipe:
         self.loss_model.train()
         self.started, self.tokens_at_start, start_step = time.perf_counter(), state.tokens, state.step
         # The window's summed loss stays on the device: reading it (a device sync) happens only when logging.
-        window_loss = torch.zeros((), device=acc.device)
-        window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+        # A resumed run continues the window its checkpoint saved (summed over ranks: the main rank carries it).
+        saved = state.window if self.main else {}
+        window_loss = torch.full((), float(saved.get("loss_sum", 0.0)), device=acc.device)
+        window_targets, window_tokens = int(saved.get("targets", 0)), int(saved.get("tokens", 0))
+        window_start = time.perf_counter() - float(state.window.get("seconds", 0.0))
         self.last_eval, self.last_eval_step = None, -1
         with progress() as bar:
             task = bar.add_task("training", total=total, completed=state.step, info="")
@@ -343,6 +399,8 @@ class SFTRecipe:
                         log.info("step %d: eval loss %.4f", state.step, self.last_eval)
                     state.history.append({"step": state.step, "eval_loss": self.last_eval})
                 if save_now:
+                    self.window = {"loss_sum": float(acc.reduce(window_loss, "sum")), "targets": window_targets,
+                                   "tokens": window_tokens, "seconds": time.perf_counter() - window_start}
                     self.save_checkpoint(self.last_eval)
 
     def train_metrics(self) -> dict[str, float]:
@@ -368,8 +426,13 @@ class SFTRecipe:
         state.eval_loss = loss
         if loss is not None and (state.best_eval_loss is None or loss < state.best_eval_loss):
             state.best_step, state.best_eval_loss = state.step, loss
+        # What the checkpoint records as done so far: the training time of earlier runs plus this one's, and the
+        # open logging window (set by the loop just before), so a resume continues both.
+        saved = replace(state, elapsed_s=state.elapsed_s + time.perf_counter() - self.started,
+                        window=dict(getattr(self, "window", {})))
         ckpt.save_checkpoint(self.plan.output_dir, strategy=self.strategy, accelerator=self.accelerator,
-                             model=self.loss_model, optimizer=self.optimizer, scheduler=self.scheduler, state=state)
+                             model=self.loss_model, optimizer=self.optimizer, scheduler=self.scheduler, state=saved,
+                             plan_text=self.plan.to_yaml() if self.main else None)
         if self.main:
             ckpt.rotate(self.plan.output_dir, keep=self.spec.save_total_limit, best_step=state.best_step)
         self.accelerator.wait_for_everyone()
@@ -405,6 +468,8 @@ class SFTRecipe:
                    "elapsed_s": round(state.elapsed_s, 2),
                    "tokens_per_s": round((state.tokens - self.tokens_at_start) / max(this_run_s, 1e-9), 1),
                    **self.summary_metrics()}
+        if state.resumes:
+            summary["resumes"] = state.resumes  # each resume's step, checkpoint and the changes it applied
         config = getattr(self.model, "config", None)
         if config is not None:
             config.pad_token_id = self.saved_pad_id
@@ -414,6 +479,8 @@ class SFTRecipe:
             self.writer.write({"event": "end", **{k: v for k, v in summary.items() if k != "output_dir"}})
             plot_loss(plan.output_dir)
             write_card(plan, summary)
+            if state.resumes:
+                note_resumes(self.layout.card, state.resumes)
             # What ran, as accelerate saw it: a strategy that asked for sharding and got none would show here.
             strategy = {**self.strategy.describe(plan), "distributed_type": str(acc.distributed_type.value)}
             record = {**summary, "strategy": strategy}
@@ -423,6 +490,24 @@ class SFTRecipe:
         acc.wait_for_everyone()
         acc.end_training()
         return summary
+
+
+def resume_lines(resumes: list[dict[str, Any]]) -> list[str]:
+    """'resumed at step 10 with train.lr 0.003 -> 1e-05' for each resume of a run."""
+    lines = []
+    for r in resumes:
+        changes = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in r.get("changes", {}).items())
+        lines.append(f"resumed at step {r['step']}" + (f" with {changes}" if changes else " (no changes)"))
+    return lines
+
+
+def note_resumes(card: Path, resumes: list[dict[str, Any]]) -> None:
+    """Add the run's resumes to its model card: the settings above are this plan's, in force from those steps."""
+    if not card.is_file():
+        return
+    text = card.read_text(encoding="utf-8").rstrip("\n")
+    lines = "\n".join(f"- {line}" for line in resume_lines(resumes))
+    atomic_write_text(card, f"{text}\n\n## Resumes\n\nThe settings above apply from each resume on:\n\n{lines}\n")
 
 
 def memory_problem(plan: Plan) -> str | None:
