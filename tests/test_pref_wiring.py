@@ -209,12 +209,12 @@ def test_dpo_raises_heldout_accuracy_and_margin(learnable: dict[str, Any], tmp_p
     from impruver.jobs import train_job
 
     out = tmp_path / "dpo"
-    train = {"max_steps": 30, "lr": 3e-3, "batch_size": 8, "eval_steps": 15, "logging_steps": 10}
+    train = {"max_steps": 16, "lr": 3e-3, "batch_size": 8, "eval_steps": 8, "logging_steps": 4}
     summary = train_job(learnable_plan(learnable, out, train, beta=0.5))
     assert summary["heldout_accuracy_end"] > summary["heldout_accuracy_start"]
     assert summary["heldout_margin_end"] > summary["heldout_margin_start"] + 0.1
     held = metrics(out, "eval_preference")
-    assert [r["step"] for r in held] == [0, 15, 30]  # at the start, each evaluation, and the end
+    assert [r["step"] for r in held] == [0, 8, 16]  # at the start, each evaluation, and the end
     summary_file = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert summary_file["heldout_accuracy_end"] == summary["heldout_accuracy_end"]
 
