@@ -141,7 +141,8 @@ def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:
     """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options; a preference objective
     adds its name (outputs/demo-dpo), so a preference run never writes over the SFT run it starts from."""
     objective = choices.get("objective")
-    suffix = f"-{objective}" if objective and objective != "sft" else ""
+    named = bool(preset and objective and preset.endswith(f"_{objective}"))  # rugpt3large/760M_lora_saiga2_dpo
+    suffix = f"-{objective}" if objective and objective != "sft" and not named else ""
     if preset:
         return os.path.join("outputs", preset + suffix)
     parts = [choices.get(g) for g in ("model", "method", "dataset")]

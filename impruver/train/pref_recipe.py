@@ -50,6 +50,7 @@ class PreferenceRecipe(SFTRecipe):
         self._window: dict[str, Any] = {}
         self._window_units = 0
         self.heldout_start: dict[str, float] | None = None
+        self._last_heldout: tuple[int, dict[str, float]] = (-1, {})  # (step, held-out metrics) of the last evaluation
 
     # -- model and reference -------------------------------------------------------------------------------------
 
@@ -221,6 +222,7 @@ class PreferenceRecipe(SFTRecipe):
         result = self.preference_eval()
         self.writer.write({"event": "eval_preference", "step": self.state.step,
                            **{f"eval_{k}": v for k, v in result.items()}})
+        self._last_heldout = (self.state.step, result)
         return result["loss"]
 
     def train(self) -> None:
@@ -246,7 +248,11 @@ class PreferenceRecipe(SFTRecipe):
         """Held-out preference accuracy and mean margin at the start and at the end (the weights kept)."""
         if not self.has_val:
             return {"objective": self.objective.name}
-        end = self.preference_eval()
+        step, end = self._last_heldout
+        state = self.state
+        if step != state.step or (self.spec.load_best_at_end and state.best_eval_loss is not None
+                                  and state.best_eval_loss < end["loss"]):
+            end = self.preference_eval()  # the weights kept are not the ones last evaluated
         start = self.heldout_start or {}
         log.info("held-out preference %s -> %s", _figures(start), _figures(end))
         out: dict[str, Any] = {"objective": self.objective.name}
