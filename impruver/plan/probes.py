@@ -49,10 +49,14 @@ def environment_problems(plan: Plan) -> list[Problem]:
 
 def hub_refs(plan: Plan) -> list[HubRef]:
     """Every Hub id the plan names: the model, the tokenizer, each enabled dataset source (local paths left out)."""
+    from impruver.components import tokenizer_reads_path
     from impruver.hub import HubRef, is_local
 
-    named: list[tuple[str, str | None, str]] = [("model.path", plan.model.path, "model"),
-                                                ("tokenizer.path", plan.tokenizer.path, "model")]
+    named: list[tuple[str, str | None, str]] = []
+    if plan.model.weights != "random" or plan.model.arch is None:  # random weights built from `arch` read no path
+        named.append(("model.path", plan.model.path, "model"))
+    if tokenizer_reads_path(plan.tokenizer.builder):
+        named.append(("tokenizer.path", plan.tokenizer.path, "model"))
     named += [(f"dataset.sources.{name}.path", source.path, "dataset") for name, source in plan.sources.items()]
     return [HubRef(key, path, kind) for key, path, kind in named  # type: ignore[arg-type]
             if path and not is_local(path)]
