@@ -43,6 +43,9 @@ def environment_problems(plan: Plan) -> list[Problem]:
     if plan.hardware.device == "cuda" and not has_nvidia_driver():
         problems.append(Problem("hardware", f"profile '{plan.hardware.name}' needs a CUDA GPU and none is visible "
                                 "here; use hardware=cpu to run on this machine"))
+    from impruver.train.metrics import tracker_problems
+
+    problems += tracker_problems(list(plan.train.report_to))
     problems += hub_problems(plan)
     return problems
 
