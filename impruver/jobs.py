@@ -84,7 +84,7 @@ def prepare(plan: Plan, *, force: bool = False) -> None:
     from impruver.data import pipeline
     from impruver.plan.probes import check_hub
 
-    check_hub(plan)  # every Hub id this machine lacks, at once, before anything is composed or loaded
+    check_hub(plan, recompose=force)  # every Hub id this machine lacks, at once, before anything runs
     if force:
         pipeline.run(plan, force=True)
     else:

@@ -74,12 +74,15 @@ class DataParallel:
         """The DistributedDataParallel arguments of this run: the strategy's, then ``train.ddp``."""
         return {**self.ddp_kwargs, **{k.removeprefix("ddp_"): v for k, v in plan.train.ddp.items()}}
 
-    def accelerator(self, plan: Plan) -> Any:
-        """The ``accelerate.Accelerator`` of this run (device, precision and this strategy's plugin / handlers)."""
+    def accelerator(self, plan: Plan, **options: Any) -> Any:
+        """The ``accelerate.Accelerator`` of this run (device, precision and this strategy's plugin / handlers).
+
+        ``options``: more ``Accelerator`` arguments from the recipe (``log_with``, ``project_config``).
+        """
         from accelerate import Accelerator
 
         return Accelerator(cpu=plan.hardware.device == "cpu", mixed_precision=plan.hardware.mixed_precision,
-                           **self.accelerator_kwargs(plan))
+                           **self.accelerator_kwargs(plan), **options)
 
     def accelerator_kwargs(self, plan: Plan) -> dict[str, Any]:
         from accelerate.utils import DistributedDataParallelKwargs
@@ -231,12 +234,12 @@ class FullyShardedStrategy(ShardedStrategy):
     def accelerator_kwargs(self, plan: Plan) -> dict[str, Any]:
         return {"fsdp_plugin": self.plugin(plan)}
 
-    def accelerator(self, plan: Plan) -> Any:
+    def accelerator(self, plan: Plan, **options: Any) -> Any:
         from accelerate import Accelerator
 
         kwargs = self.accelerator_kwargs(plan)
         accelerator = Accelerator(cpu=plan.hardware.device == "cpu", mixed_precision=plan.hardware.mixed_precision,
-                                  **kwargs)
+                                  **kwargs, **options)
         _fsdp_on_cpu_processes(accelerator, kwargs["fsdp_plugin"])
         return accelerator
 

@@ -111,9 +111,11 @@ def test_machine_probes_ask_the_components(monkeypatch: pytest.MonkeyPatch) -> N
     from impruver.train.methods import Lora
 
     plan = plan_of(["model=rugpt3large", "method=lora"])
-    assert environment_problems(plan) == []
+    # (its Hub ids are not on this machine either: those problems are tested in test_download.py)
+    packages = lambda: [p for p in environment_problems(plan) if not p.key.endswith(".path")]  # noqa: E731
+    assert packages() == []
     monkeypatch.setattr(Lora, "requires", ("surely_not_installed_pkg",))
-    (problem,) = environment_problems(plan)
+    (problem,) = packages()
     assert problem.key == "method" and "surely_not_installed_pkg" in problem.message
 
 

@@ -182,3 +182,23 @@ def test_hub_hints_say_hf_download() -> None:
     assert "hf download org/data --repo-type dataset --local-dir DIR" in str(
         hub_unreachable("org/data", "dataset", "dataset.sources.x.path"))
     assert "huggingface-cli" not in str(hub_unreachable("org/model", "model", "model.path"))
+
+
+def test_a_composed_run_needs_only_its_model_from_the_hub(tmp_path: Path) -> None:
+    """Composed data carries its own tokenizer and samples: its Hub sources are not asked for again (an offline
+    GPU box trains what a machine with network composed), unless the data is composed again."""
+    from impruver.plan import make_plan
+    from impruver.plan.probes import hub_refs
+
+    plan = make_plan({
+        "output_dir": str(tmp_path / "run"), "model": {"builder": "hf", "path": "org/model"},
+        "tokenizer": {"builder": "hf", "path": "org/tokenizer", "chat_template": "saiga"},
+        "dataset": {"sources": {"chats": {"path": "org/chats", "format": "openai"}}},
+        "method": {"builder": "lora"}, "hardware": {"name": "cpu", "device": "cpu"},
+    })
+    assert [r.key for r in hub_refs(plan)] == ["model.path", "tokenizer.path", "dataset.sources.chats.path"]
+    for path in (plan.train_path, plan.val_path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("")
+    assert [r.key for r in hub_refs(plan)] == ["model.path"]
+    assert len(hub_refs(plan, recompose=True)) == 3

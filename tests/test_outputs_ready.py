@@ -34,7 +34,8 @@ def _plan(out: Path, **model: Any) -> Any:
         "dataset": {"sources": {"demo": {"path": "unused.jsonl", "format": "openai"}}, "max_tokens": 128},
         "method": {"builder": "scratch"},
         "hardware": {"name": "cpu", "device": "cpu"},
-        "train": {"batch_size": 4, "lr": 1e-2, "max_steps": 80, "scheduler": "constant", "eval_steps": 1000, "save_steps": 1000,
+        "train": {"batch_size": 4, "lr": 1e-2, "max_steps": 80, "scheduler": "constant", "eval_steps": 1000,
+                  "save_steps": 1000,
                   "logging_steps": 20, "warmup_steps": 2, "seed": 3},
         "chat": CHAT,
     })

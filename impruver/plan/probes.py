@@ -43,19 +43,35 @@ def environment_problems(plan: Plan) -> list[Problem]:
     if plan.hardware.device == "cuda" and not has_nvidia_driver():
         problems.append(Problem("hardware", f"profile '{plan.hardware.name}' needs a CUDA GPU and none is visible "
                                 "here; use hardware=cpu to run on this machine"))
+    from impruver.train.metrics import tracker_problems
+
+    problems += tracker_problems(list(plan.train.report_to))
     problems += hub_problems(plan)
     return problems
 
 
-def hub_refs(plan: Plan) -> list[HubRef]:
-    """Every Hub id the plan names: the model, the tokenizer, each enabled dataset source (local paths left out)."""
+def hub_refs(plan: Plan, *, recompose: bool = False) -> list[HubRef]:
+    """Every Hub id a run of the plan reads: the model; the tokenizer and each enabled dataset source only while the
+    data is still to be composed (a composed run folder carries its own tokenizer and samples). Local paths are
+    left out."""
+    from impruver.components import tokenizer_reads_path
     from impruver.hub import HubRef, is_local
 
-    named: list[tuple[str, str | None, str]] = [("model.path", plan.model.path, "model"),
-                                                ("tokenizer.path", plan.tokenizer.path, "model")]
-    named += [(f"dataset.sources.{name}.path", source.path, "dataset") for name, source in plan.sources.items()]
+    named: list[tuple[str, str | None, str]] = []
+    if plan.model.weights != "random" or plan.model.arch is None:  # random weights built from `arch` read no path
+        named.append(("model.path", plan.model.path, "model"))
+    if recompose or not composed(plan):
+        if tokenizer_reads_path(plan.tokenizer.builder):
+            named.append(("tokenizer.path", plan.tokenizer.path, "model"))
+        named += [(f"dataset.sources.{name}.path", source.path, "dataset") for name, source in plan.sources.items()]
     return [HubRef(key, path, kind) for key, path, kind in named  # type: ignore[arg-type]
             if path and not is_local(path)]
+
+
+def composed(plan: Plan) -> bool:
+    """The run folder holds composed samples (whether they are current is the data stage's to decide: a stale
+    composition of Hub sources recomposes, and then reports an unreachable source itself)."""
+    return Path(plan.train_path).is_file() and Path(plan.val_path).is_file()
 
 
 def hub_problems(plan: Plan) -> list[Problem]:
@@ -68,11 +84,11 @@ def hub_problems(plan: Plan) -> list[Problem]:
             for r in refs]
 
 
-def check_hub(plan: Plan) -> None:
+def check_hub(plan: Plan, *, recompose: bool = False) -> None:
     """Raise one error naming every Hub id of the plan this machine lacks, before anything is composed or loaded."""
     from impruver.hub import missing, missing_error
 
-    refs, why = missing(hub_refs(plan))
+    refs, why = missing(hub_refs(plan, recompose=recompose))
     if refs:
         raise missing_error(refs, why)
 
@@ -86,4 +102,4 @@ def has_nvidia_driver() -> bool:
     return Path("/proc/driver/nvidia").exists() or os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1")
 
 
-__all__ = ["check_hub", "environment_problems", "has_nvidia_driver", "hub_problems", "hub_refs"]
+__all__ = ["check_hub", "composed", "environment_problems", "has_nvidia_driver", "hub_problems", "hub_refs"]

@@ -206,10 +206,23 @@ class TrainSpec(Spec):
     # [train.lr, train.weight_decay]; they apply from the checkpoint's step and the run's record says so. A resume
     # that changes any other such key is refused with the list of differences.
     resume_changes: list[str] = Field(default_factory=list)
-    report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list)
+    report_to: list[str] = Field(default_factory=list)  # trackers accelerate supports: wandb, tensorboard, mlflow, ...
     num_workers: int = Field(default=0, ge=0)
     ddp: dict[str, Any] = Field(default_factory=dict)  # e.g. {ddp_find_unused_parameters: false}
     memory_check: bool = True  # stop before loading when the memory plan exceeds hardware.gpu_memory_gib
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, value: list[str]) -> list[str]:
+        """Names of trackers the installed accelerate supports (its own list, read without importing torch)."""
+        from impruver.train.metrics import tracker_names
+
+        known = tracker_names()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown tracker {', '.join(map(repr, unknown))}; "
+                             f"{choices_hint(unknown[0], known)}")
+        return value
 
 
 class ChatSpec(Spec):

@@ -1,11 +1,17 @@
-"""Training metrics: metrics.jsonl always, a progress bar in a terminal (plain log lines otherwise),
-wandb / tensorboard when ``train.report_to`` asks (each imported only then), and the loss-curve PNG.
+"""Training metrics: metrics.jsonl always, a progress bar in a terminal (plain log lines otherwise), the loss-curve
+PNG, and every tracker accelerate supports when ``train.report_to`` names it (wandb, tensorboard, mlflow, trackio,
+aim, comet_ml, clearml, dvclive, swanlab: accelerate's own list, read from the installed version).
 
-Only the main process writes; the others get a writer whose methods do nothing.
+The trackers go through accelerate's tracker API: the recipe builds its ``Accelerator(log_with=...)``, the writer
+calls ``init_trackers`` with the plan (secrets redacted) and ``accelerator.log`` with the same records that go to
+metrics.jsonl; ``accelerator.end_training()`` closes them. Only the main process writes; the others get a writer
+whose methods do nothing.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import json
 import logging
@@ -14,42 +20,96 @@ import os
 from pathlib import Path
 from typing import Any
 
-from impruver.errors import RunError
+from impruver.errors import Problem, RunError
 from impruver.layout import RunLayout
 
 log = logging.getLogger("impruver")
 
+# The module a tracker needs, where it is not the tracker's own name (accelerate's is_*_available checks).
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX")}
+TRACKERS_DIR = "trackers"  # <output_dir>/trackers/<project>: file-based trackers' logs (tensorboard events, ...)
+
+
+@functools.cache
+def tracker_names() -> tuple[str, ...]:
+    """The trackers the installed accelerate supports: the keys of ``accelerate.tracking.LOGGER_TYPE_TO_CLASS``.
+
+    Read from accelerate's source rather than imported: importing accelerate imports torch, and planning does not.
+    """
+    spec = importlib.util.find_spec("accelerate")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    source = Path(next(iter(spec.submodule_search_locations))) / "tracking.py"
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        tree = None
+    for node in ast.walk(tree) if tree is not None else ():
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                and any(getattr(t, "id", None) == "LOGGER_TYPE_TO_CLASS" for t in node.targets)):
+            return tuple(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # a layout this parser does not know: ask it
+
+    return tuple(LOGGER_TYPE_TO_CLASS)
+
+
+def tracker_problems(report_to: list[str]) -> list[Problem]:
+    """A problem per requested tracker whose package is not installed (all of them at once)."""
+    problems = []
+    for name in report_to:
+        modules = TRACKER_MODULES.get(name, (name,))
+        if all(importlib.util.find_spec(m) is None for m in modules):
+            problems.append(Problem("train.report_to", f"{name} is not installed here (pip install {modules[0]}), "
+                                    f"or drop it from train.report_to"))
+    return problems
+
 
 def check_reporters(report_to: list[str]) -> None:
-    """Fail before training when a requested reporter's package is missing."""
-    packages = {"wandb": "wandb", "tensorboard": "tensorboard"}
-    for name in report_to:
-        if importlib.util.find_spec(packages[name]) is None:
-            raise RunError(f"train.report_to: {name} is not installed here (pip install {packages[name]}), "
-                           f"or drop it from train.report_to")
+    """Fail before training when a requested tracker's package is missing."""
+    problems = tracker_problems(report_to)
+    if problems:
+        raise RunError("\n".join(str(p) for p in problems))
+
+
+def accelerator_options(output_dir: str | Path, report_to: list[str]) -> dict[str, Any]:
+    """What ``Accelerator(...)`` needs for the plan's trackers: ``log_with`` and where file-based ones write."""
+    if not report_to:
+        return {}
+    from accelerate.utils import ProjectConfiguration
+
+    return {"log_with": list(report_to),
+            "project_config": ProjectConfiguration(project_dir=str(output_dir),
+                                                   logging_dir=str(Path(output_dir) / TRACKERS_DIR))}
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``: every tracker takes flat scalars (tensorboard's
+    hparams take nothing else); lists and None become text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
 
 
 class MetricsWriter:
-    """Appends one JSON object per event to metrics.jsonl and forwards numbers to the reporters."""
+    """Appends one JSON object per event to metrics.jsonl and logs its numbers to the accelerator's trackers."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, report_to: list[str], resume_step: int,
-                 run_name: str, config: dict[str, Any]) -> None:
+                 run_name: str, config: dict[str, Any], accelerator: Any = None) -> None:
         self.enabled = enabled
         self.path = RunLayout.of(output_dir).metrics
-        self._wandb: Any = None
-        self._tb: Any = None
+        self._accelerator = accelerator if report_to else None
         if not enabled:
             return
         _truncate_after(self.path, resume_step)
-        if "wandb" in report_to:
-            import wandb
-
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "impruver"), name=run_name,
-                                     dir=str(output_dir), config=config, resume="allow")
-        if "tensorboard" in report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if self._accelerator is not None:
+            project = os.environ.get("WANDB_PROJECT", "impruver")
+            self._accelerator.init_trackers(project, config=flat_config(config), init_kwargs={
+                "wandb": {"name": run_name, "dir": str(output_dir), "resume": "allow"}})
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -57,19 +117,15 @@ class MetricsWriter:
         clean = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "event")}
+        numbers = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "event")}
         step = record.get("step")
-        if self._wandb is not None and step is not None:
-            self._wandb.log(numbers, step=step)
-        if self._tb is not None and step is not None:
-            for key, value in numbers.items():
-                self._tb.add_scalar(key, value, step)
+        if self._accelerator is not None and step is not None and numbers:
+            event = record.get("event", "train")
+            self._accelerator.log({f"{event}/{k}": v for k, v in numbers.items()}, step=step)
 
     def close(self) -> None:
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self._tb is not None:
-            self._tb.close()
+        """The trackers are closed by ``accelerator.end_training()`` at the end of the run."""
 
 
 def _truncate_after(path: Path, step: int) -> None:

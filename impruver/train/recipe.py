@@ -135,7 +135,11 @@ class SFTRecipe:
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state(reset_partial_state=True)
-        return self.strategy.accelerator(self.plan)
+        from impruver.train.metrics import accelerator_options
+
+        # The trackers of train.report_to (none: the strategy's Accelerator as it is, a plugin's included).
+        trackers = accelerator_options(self.plan.output_dir, self.spec.report_to)
+        return self.strategy.accelerator(self.plan, **trackers)
 
     def build_model(self, tokenizer: Any) -> Any:
         """The module to train: the base from the model builder, then the method's wrapping (adapters, ...)."""
@@ -301,7 +305,7 @@ class SFTRecipe:
 
         self.writer = MetricsWriter(self.plan.output_dir, enabled=self.main, report_to=list(self.spec.report_to),
                                     resume_step=self.state.step, run_name=Path(self.plan.output_dir).name,
-                                    config=self.plan.to_dict())
+                                    config=self.plan.to_dict(), accelerator=self.accelerator)
         self.writer.write({"event": "start", "step": self.state.step, "total_steps": self.total_steps,
                            "world_size": self.world, "train_samples": len(self.train_samples),
                            "rows": len(self.batches.rows), "seq_len": self.seq_len,
