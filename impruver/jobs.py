@@ -45,7 +45,8 @@ def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
 
 def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     """The main job (``impruver [overrides]``): train, then ask the model the plan's questions (``eval``), once,
-    in this process, when training has ended; the summary gets the accuracy."""
+    in this process, when training has ended; the summary gets the accuracy. With ``export.gguf`` the GGUF files
+    are written last (an adapter merged first)."""
     from impruver import launch
 
     result = train_job(plan, force=force)
@@ -54,6 +55,10 @@ def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
 
         checked = evaluate(plan)
         result = {**result, "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"]}
+    if plan.export.gguf and not launch.under_launcher():  # export.gguf: the run ends with its GGUF files
+        from impruver.train.export import run as export
+
+        result = {**result, "gguf": export(plan)["gguf"]}
     return result
 
 
