@@ -53,7 +53,8 @@ def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
 
 def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     """The main job (``impruver [overrides]``): train, then ask the model the plan's questions (``eval``), once,
-    in this process, when training has ended; the summary gets the accuracy."""
+    in this process, when training has ended; the summary gets the accuracy. With ``export.gguf`` the GGUF files
+    are written last (an adapter merged first)."""
     from impruver import launch
     from impruver.lock import run_lock
 
@@ -66,6 +67,10 @@ def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
 
             checked = evaluate(plan)
             result = {**result, "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"]}
+        if plan.export.gguf:  # export.gguf: the run ends with its GGUF files (an adapter merged first)
+            from impruver.train.export import run as export
+
+            result = {**result, "gguf": export(plan)["gguf"]}
     return result
 
 

@@ -9,6 +9,7 @@ Russian and English text, and the chat template read back from the GGUF metadata
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,13 @@ import pytest
 import llama_cpp  # never skipped: a missing binding fails the run (the test extra installs llama-cpp-python)
 
 TEXTS = ["Hello, world! How are you today? 12345", "Привет, мир! Как у тебя дела сегодня? Всё хорошо.",
-         "  two  spaces, tabs\tand\nnew lines; ёлка и ЁЖ"]
+         "Съешь же ещё этих мягких французских булок, да выпей чаю. The quick brown fox jumps over the lazy dog."]
+# Runs of spaces, tabs and new lines. Byte-level BPEs must agree here too. SentencePiece vocabularies are known to
+# differ on runs of spaces: transformers' own conversion splits "  two" as "▁▁ two" where SentencePiece gives
+# "▁▁ ▁two", and transformers 5 saves only that conversion (tokenizer.json, no tokenizer.model), whose merge order
+# is what the GGUF scores come from; llama.cpp then gives "▁▁ ▁two" and "▁▁ spaces" (measured). Not asserted.
+WHITESPACE = "  two  spaces, tabs\tand\nnew lines;  ёлка и ЁЖ\n\n"
+SPM = {"llama", "mistral"}
 CHAT = [{"role": "system", "content": "Ты полезный помощник."}, {"role": "user", "content": "Привет! Кто ты?"},
         {"role": "assistant", "content": "Я ассистент. Чем помочь?"}, {"role": "user", "content": "Расскажи сказку."}]
 
@@ -169,20 +176,43 @@ def test_f16_gives_transformers_logits_and_greedy_continuation(exported: dict[st
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_quantized_files_stay_within_their_expected_error(exported: dict[str, Any], family: str) -> None:
+    """Each quantized matrix holds its weights within the type's rounding (read back with the gguf package's
+    reference dequantizer), and llama.cpp's logits stay within the type's expected error.
+
+    These random models (weights of std 0.15) amplify any perturbation about tenfold: f16's rounding (~0.03% per
+    weight) gives 0.1-0.3% on the logits, q8_0's (~0.5% per weight, plus llama.cpp's 8-bit activations) 2-5%,
+    q4_k_m's (~5% per weight) ~40%. The bounds are those, with margin; the order f16 < q8_0 < q4_k_m must hold.
+    """
+    import gguf
+
     case = exported[family]
     ids = case["tok"](PROMPT)["input_ids"]
     want = _hf_logits(case["model"], ids)
-    # Expected error of each type on these random weights (measured, with margin): q8_0 keeps 8 bits per value
-    # (~0.5% here), q4_k_m 4-6 bits (~6%). f16 is the floor.
-    bounds = {"q8_0": 0.03, "q4_k_m": 0.2}
-    errors = {kind: _relative_error(_cpp_logits(_llama(case["files"][kind]), ids), want)
-              for kind in case["files"] if kind in bounds}
-    floor = _relative_error(_cpp_logits(_llama(case["files"]["f16"]), ids), want)
-    for kind, error in errors.items():
-        assert error < bounds[kind], (kind, error)
-        assert error > floor, (kind, error, floor)  # a quantized file really is quantized
+    weight_bounds = {"q8_0": 0.01, "q4_k_m": 0.12}  # relative RMS error of one matrix's values
+    logit_bounds = {"q8_0": 0.08, "q4_k_m": 0.7}
+    reference = _down_proj(case["model"])
+    errors = {"f16": _relative_error(_cpp_logits(_llama(case["files"]["f16"]), ids), want)}
+    for kind in [k for k in ("q8_0", "q4_k_m") if k in case["files"]]:
+        if family in K_QUANT:  # reading a file back in Python takes seconds per 10k tokens: one family does it
+            tensor = next(t for t in gguf.GGUFReader(case["files"][kind]).tensors
+                          if t.name == "blk.0.ffn_down.weight")
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(reference.shape)
+            assert tensor.tensor_type.name.lower() in kind.replace("_m", "")  # q8_0 -> Q8_0, q4_k_m -> Q4_K
+            assert _relative_error(values, reference) < weight_bounds[kind], kind
+        errors[kind] = _relative_error(_cpp_logits(_llama(case["files"][kind]), ids), want)
+        assert errors[kind] < logit_bounds[kind], (kind, errors)
+    ordered = [errors[k] for k in ("f16", "q8_0", "q4_k_m") if k in errors]
+    assert ordered == sorted(ordered), errors
     sizes = {r["type"]: r["bytes"] for r in case["records"]}
-    assert sizes["q8_0"] < 0.6 * sizes["f16"]
+    assert sizes["q8_0"] < 0.7 * sizes["f16"]  # 8.5 bits per weight against 16, plus the same vocabulary
+
+
+def _down_proj(model: Any) -> np.ndarray:
+    """Layer 0's MLP output matrix as llama.cpp stores it, (out, in) (GPT-2's Conv1D is stored transposed)."""
+    weight = {n: p for n, p in model.named_parameters()}
+    name = next(n for n in weight if n.endswith(("layers.0.mlp.down_proj.weight", "h.0.mlp.c_proj.weight")))
+    value = weight[name].detach().float().numpy()
+    return value.T if name.endswith("c_proj.weight") else value
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -193,7 +223,11 @@ def test_llama_cpp_tokenizes_like_transformers(exported: dict[str, Any], family:
     for text in TEXTS:
         want = tok(text)["input_ids"]  # with the special tokens the tokenizer adds (BOS for Llama 2)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == want, text
-        assert llm.detokenize(tok(text, add_special_tokens=False)["input_ids"]).decode() == text
+        # and back to the text (SentencePiece vocabularies give the "▁" of the first word back as a space)
+        assert llm.detokenize(tok(text, add_special_tokens=False)["input_ids"]).decode() in (text, " " + text)
+    if family not in SPM:
+        got = llm.tokenize(WHITESPACE.encode(), add_bos=False, special=False)
+        assert got == tok(WHITESPACE, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("family", list(CASES))
@@ -204,7 +238,7 @@ def test_embedded_chat_template_renders_like_apply_chat_template(exported: dict[
     tok = case["tok"]
     llm = llama_cpp.Llama(model_path=str(case["files"]["f16"]), vocab_only=True, verbose=False)
     embedded = llm.metadata["tokenizer.chat_template"]
-    assert "generation" not in embedded  # the training-only tags are gone; the text they enclosed stays
+    assert not re.search(r"\{%-?\s*(end)?generation", embedded)  # training-only tags gone, their text stays
     messages = CHAT if family != "mistral" else CHAT[1:]  # Mistral v1 has no system turn
     formatter = Jinja2ChatFormatter(template=embedded, eos_token=tok.eos_token or "", bos_token=tok.bos_token or "",
                                     add_generation_prompt=True)

@@ -117,8 +117,8 @@ def test_merge_keeps_the_base_dtype(tmp_path: Path) -> None:
 
     config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, vocab_size=320)
-    base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    base.save_pretrained(tmp_path / "base")
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)  # the adapter names it
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
     make_tokenizer(tmp_path / "adapter")
