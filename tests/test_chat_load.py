@@ -157,7 +157,7 @@ def test_command_on_a_missing_model_exits_2_with_a_message_and_no_traceback(tmp_
 
 @pytest.mark.parametrize(("stage", "flag", "message"), [
     ("serve", "--prompt=hi", "--prompt: impruver serve takes no such flag; valid: --api-key, --config"),
-    ("chat", "--force", "--force: impruver chat takes no such flag; valid: --config, --prompt"),
+    ("chat", "--force", "--force: impruver chat takes no such flag; valid: --config, --plan, --prompt"),
 ])
 def test_flags_of_other_stages_are_refused_clearly(chat_dirs: dict[str, Path], stage: str, flag: str,
                                                    message: str) -> None:
