@@ -21,6 +21,7 @@ from typing import Any
 
 from impruver.errors import RunError
 from impruver.layout import RunLayout
+from impruver.lock import process_start
 from impruver.plan import Plan
 from impruver.strategies import strategy_of
 
@@ -119,10 +120,12 @@ def run_workers(cmd: list[str], env: dict[str, str]) -> int:
     """
     proc = subprocess.Popen(cmd, env=env)
     received: list[int] = []
+    family: dict[int, int | None] = {}  # the launcher's processes seen while it ran: pid -> start time
 
     def forward(signum: int, _frame: Any) -> None:
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
+        if proc.poll() is None:  # not reaped yet, so its pid is still its own
+            family.update(_snapshot(proc.pid))
             proc.send_signal(signal.SIGTERM)  # torch's agent stops every worker on SIGTERM
 
     previous = _handle((signal.SIGTERM, signal.SIGINT), forward)
@@ -130,7 +133,7 @@ def run_workers(cmd: list[str], env: dict[str, str]) -> int:
         code = proc.wait()
     finally:
         try:
-            _stop(proc)
+            _stop(proc, family)
         finally:
             _handle(previous, None)
     if received:
@@ -147,20 +150,29 @@ def _handle(signals: Any, handler: Any) -> dict[int, Any]:
     return {sig: signal.signal(sig, new) for sig, new in pairs}
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    """Stop the launcher and every process under it: SIGTERM, a grace period, then SIGKILL for what is left."""
-    family = descendants(proc.pid)  # before the launcher ends: its orphans would be re-parented out of reach
+def _stop(proc: subprocess.Popen[Any], family: dict[int, int | None]) -> None:
+    """Stop the launcher and every process under it: SIGTERM, a grace period, then SIGKILL for what is left.
+
+    Only processes seen under the launcher while it ran are killed, and only if they are still the same ones
+    (same start time): a pid freed by an ended worker may belong to an unrelated process by now.
+    """
     if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        family.update(_snapshot(proc.pid))  # its workers, before they could be re-parented out of reach
+        proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=STOP_GRACE_S)
-    family += descendants(proc.pid)
-    for pid in dict.fromkeys([*family, proc.pid]):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+        if proc.poll() is None:
+            family.update(_snapshot(proc.pid))
+            proc.kill()
+            proc.wait()
+    for pid, started in family.items():
+        if started is not None and process_start(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _snapshot(pid: int) -> dict[int, int | None]:
+    return {child: process_start(child) for child in descendants(pid)}
 
 
 def descendants(pid: int) -> list[int]:

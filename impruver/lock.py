@@ -90,7 +90,7 @@ def owner_of(lock: Path) -> dict[str, Any] | None:
 
 def _me() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "pid_started": _process_start(os.getpid())}
+            "pid_started": process_start(os.getpid())}
 
 
 def _acquire(lock: Path) -> None:
@@ -138,10 +138,10 @@ def _alive(lock: Path, owner: dict[str, Any] | None) -> bool:
     except PermissionError:
         pass  # another user's live process
     started = owner.get("pid_started")
-    return started is None or started == _process_start(pid)  # else the pid was reused by an unrelated process
+    return started is None or started == process_start(pid)  # else the pid was reused by an unrelated process
 
 
-def _process_start(pid: int) -> int | None:
+def process_start(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the original."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -161,4 +161,4 @@ def _busy(lock: Path, owner: dict[str, Any] | None) -> str:
             f"another output_dir=PATH. If that run is gone (another machine, a reused pid), delete {lock}")
 
 
-__all__ = ["holder", "owner_of", "remove_stale_work", "run_lock"]
+__all__ = ["holder", "owner_of", "process_start", "remove_stale_work", "run_lock"]

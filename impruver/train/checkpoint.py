@@ -49,7 +49,7 @@ class TrainState:
     best_step: int | None = None
     best_eval_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # eval results so far
-    signature: dict[str, Any] = field(default_factory=dict)  # what fixes the data order (see check_signature)
+    signature: dict[str, Any] = field(default_factory=dict)  # what fixes the data order (see plan_changes)
     # The logging window open at this step: summed loss over all ranks, target and real tokens, seconds. A resume
     # continues it, so the first loss logged after a resume covers the same steps as in an uninterrupted run.
     window: dict[str, float] = field(default_factory=dict)
@@ -87,28 +87,19 @@ class DamagedCheckpoint(RunError):
     """A checkpoint with a missing, truncated or unreadable file (the message names it)."""
 
 
-def check_signature(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
-    """A resumed run must see the same batches: the settings that decide the data order must not change.
-
-    Raises:
-        RunError: naming each setting that differs, with both values.
-    """
-    changed = signature_changes(saved, current)
-    if changed:
-        raise RunError(refusal(folder, changed))
-
-
-def signature_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def signature_changes(saved: dict[str, Any], current: dict[str, Any],
+                      explained: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
     """The data-order settings that differ, by the plan key that changes them: {key: (old, new)}.
 
-    A derived entry is shown with its own name: ``dataset (rows)`` is a dataset whose composed rows changed.
+    A derived entry is shown with its own name (``dataset (rows)``: a dataset whose composed rows changed). One
+    that a key in ``explained`` (the plan keys found changed) accounts for is left out: it is listed by that key.
     """
     changed: dict[str, tuple[Any, Any]] = {}
     for name, old in saved.items():
         new = current.get(name)
-        if old != new:
-            key = SIGNATURE_KEYS.get(name, (name,))[0]
-            changed[key if key.endswith(name) else f"{key} ({name})"] = (old, new)
+        keys = SIGNATURE_KEYS.get(name, (name,))
+        if old != new and not any(_within(key, keys) for key in explained):
+            changed[keys[0] if keys[0].endswith(name) else f"{keys[0]} ({name})"] = (old, new)
     return changed
 
 
@@ -122,11 +113,10 @@ def plan_changes(folder: Path, plan: Any, signature: dict[str, Any], saved_signa
     """
     import yaml
 
-    derived = signature_changes(saved_signature, signature)
     saved_plan = folder / PLAN_FILE
     if not saved_plan.is_file():
         log.warning("%s holds no plan.yaml (an older impruver): only the data-order settings are compared", folder)
-        return derived
+        return signature_changes(saved_signature, signature)
     try:
         old = _flatten(yaml.safe_load(saved_plan.read_text(encoding="utf-8")) or {})
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -134,14 +124,7 @@ def plan_changes(folder: Path, plan: Any, signature: dict[str, Any], saved_signa
     new = _flatten(plan.to_dict())
     changes = {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
                if old.get(key) != new.get(key) and not _within(key, UNCHANGING)}
-    for name in saved_signature:  # a derived change that a plan key explains is listed once, by that key
-        if saved_signature[name] != signature.get(name):
-            explained = any(_within(key, SIGNATURE_KEYS.get(name, (name,))) for key in changes)
-            if not explained:
-                key = SIGNATURE_KEYS.get(name, (name,))[0]
-                changes[key if key.endswith(name) else f"{key} ({name})"] = (saved_signature[name],
-                                                                             signature.get(name))
-    return changes
+    return {**changes, **signature_changes(saved_signature, signature, explained=tuple(changes))}
 
 
 def refusal(folder: Path, changes: dict[str, tuple[Any, Any]], allowed: tuple[str, ...] = ()) -> str:
@@ -200,12 +183,6 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to continue from: ``never`` -> None, ``auto`` -> the latest (None if none), or a folder."""
-    candidates = resume_candidates(resume, output_dir)
-    return candidates[0] if candidates else None
 
 
 def resume_candidates(resume: str, output_dir: str | Path) -> list[Path]:
