@@ -81,7 +81,8 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_naming_the_hardware_still_trains_the_demo_to_the_same_loss(demo_runs: dict) -> None:
     demo = demo_runs["cwd"] / "outputs" / "demo"  # the demo's own folder, not outputs/tiny_scratch_demo
-    assert (demo / "model.safetensors").is_file() and not (demo_runs["cwd"] / "outputs" / "tiny_scratch_demo").exists()
+    assert (demo / "model.safetensors").is_file()
+    assert not (demo_runs["cwd"] / "outputs" / "tiny_scratch_demo").exists()
     assert yaml.safe_load((demo / "plan.yaml").read_text())["preset"] == "demo"
     single, ddp = train_losses(demo_runs["single"]), train_losses(demo)
     assert len(ddp) == 2 and ddp == pytest.approx(single, rel=1e-4)
@@ -190,3 +191,22 @@ def test_a_config_file_takes_the_fix_impruver_suggests(tmp_path: Path) -> None:
     plan = planned(["--config", "my.yaml", "hardware=cpu", "method=lora"], tmp_path)
     assert plan["method"]["builder"] == "lora" and "quantization" not in plan["method"]
     assert plan["hardware"]["name"] == "cpu" and plan["model"]["path"] == "ai-forever/ruGPT-3.5-13B"
+
+
+def test_a_benchmark_too_big_for_the_machine_is_refused_with_a_message(tmp_path: Path) -> None:
+    bench = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    done = subprocess.run([sys.executable, str(bench), "--shape", "gpt2-124m", "--memory-gib", "8"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and not done.stdout
+    assert "--shape gpt2-124m does not fit this machine" in done.stderr and "--rows" in done.stderr
+
+
+def test_a_benchmark_side_killed_for_memory_says_so() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._how(-9) == "killed by SIGKILL: most likely out of memory (the kernel's OOM killer); try fewer --rows"
+    assert bench._output(subprocess.CompletedProcess([], -9, "\n", "\n\n")) == "it printed nothing"
