@@ -5,6 +5,10 @@
     HF_HUB_OFFLINE=1 python bench/train.py --shape rugpt3large
     HF_HUB_OFFLINE=1 python bench/train.py --shape mistral-7b-lora
 
+A shape that would not fit the machine's memory (impruver.memory's estimate of each side against the free GPU
+memory, or the available RAM on a CPU) is refused before anything is built, naming the rows that would fit
+(exit status 2).
+
 Both sides train the same model (random weights of the shape, same seed) on the same composed data: synthetic
 chats with chat-like lengths (median ~300 tokens), composed once by ``impruver compose`` (loss on the assistant
 turns only). Each side runs in its own process (so peak memory is its own):
@@ -264,6 +268,53 @@ def device_peak() -> tuple[str, float | None]:
     return name, peak
 
 
+# -- will it fit -------------------------------------------------------------------------------------------------
+
+
+class TooBig(Exception):
+    """The shape does not fit this machine's memory: refused before anything is built (exit status 2)."""
+
+
+def available_gib(cuda: bool) -> tuple[float, str]:
+    """Memory a side may use now, in GiB, and what it is: free GPU memory, or the RAM the kernel says is
+    available (MemAvailable: free plus reclaimable caches)."""
+    if cuda:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return free / 1024**3, f"free on {torch.cuda.get_device_name(0)}"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) / 1024**2, "RAM available"  # kB -> GiB
+    except (OSError, KeyError, ValueError):
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages / 1024**3, "RAM free"
+
+
+def check_fits(plan: Any, args: argparse.Namespace, cuda: bool) -> dict[str, float]:
+    """Each side's estimated peak (impruver.memory, the estimate ``impruver plan`` prints) against what this
+    machine has; TooBig, naming the rows that would fit, when either side would not fit.
+
+    The Trainer's batch is estimated as that many rows of the full length (padding to the longest sample), an
+    upper bound.
+    """
+    from impruver.memory import estimate
+
+    shape = SHAPES[args.shape]
+    trainer_batch = args.trainer_batch or shape["trainer_batch"]
+    need = {"impruver": estimate(plan)["total"], "trainer": estimate(plan, batch_size=trainer_batch)["total"]}
+    have, what = (args.memory_gib, "given by --memory-gib") if args.memory_gib else available_gib(cuda)
+    if max(need.values()) <= have:
+        return need
+    rows = next((r for r in range(plan.train.batch_size, 0, -1) if estimate(plan, batch_size=r)["total"] <= have), 0)
+    fix = (f"--rows {rows} --trainer-batch {rows}" if rows else "a smaller --shape (tiny is the CPU's default)")
+    raise TooBig(f"--shape {args.shape} does not fit this machine: a side needs about {max(need.values()):.1f} GiB "
+                 f"(impruver {need['impruver']:.1f} GiB at {plan.train.batch_size} rows x {plan.seq_len} tokens, "
+                 f"Trainer {need['trainer']:.1f} GiB at batch {trainer_batch}; impruver.memory's estimate) and "
+                 f"{have:.1f} GiB is {what}. Try {fix}" + ("" if cuda else ", or run it on a GPU") + ".")
+
+
 def run_side(side: str, plan_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One side in its own process (its own peak memory); RuntimeError with its output when it fails."""
     cmd = [sys.executable, __file__, "--side", side, "--plan", str(plan_path), "--warmup", str(args.warmup),
@@ -275,10 +326,28 @@ def run_side(side: str, plan_path: Path, args: argparse.Namespace) -> dict[str, 
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"{side} did not finish within {args.timeout} s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{side} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"the {side} side failed ({_how(proc.returncode)}, after "
+                           f"{time.perf_counter() - started:.0f} s): {_output(proc)}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
+
+
+def _how(code: int) -> str:
+    """An exit status in words; a process the kernel killed for memory (SIGKILL) is named as such."""
+    import signal
+
+    if code >= 0:
+        return f"exit status {code}"
+    name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+    likely = ": most likely out of memory (the kernel's OOM killer); try fewer --rows" if -code == 9 else ""
+    return f"killed by {name}{likely}"
+
+
+def _output(proc: subprocess.CompletedProcess[str]) -> str:
+    """The end of what a failed side printed, or a note that it printed nothing."""
+    text = "\n".join(part.strip()[-4000:] for part in (proc.stdout, proc.stderr) if part.strip())
+    return f"\n{text}" if text else "it printed nothing"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -294,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--rows", type=int, default=None, help="impruver packed rows per step (default: the shape's)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--timeout", type=float, default=None, help="seconds each side may take")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="memory a side may use (default: the free GPU memory, or the available RAM)")
     parser.add_argument("--side", choices=["impruver", "trainer"], help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     return parser
@@ -313,8 +384,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         steps = args.steps or (shape["steps"] if cuda else 12)
         need_rows = (args.rows or shape["rows"]) * steps + 8
         chats = args.chats or max(300, int(need_rows * shape["seq_len"] / 300 * 1.2))
-        synthetic_chats(work / "chats.jsonl", chats, seed=0)
         plan = make_plan(work, args, cuda)
+        check_fits(plan, args, cuda)  # before a minute of composing
+        synthetic_chats(work / "chats.jsonl", chats, seed=0)
         from impruver.data.pipeline import ensure_composed, load_composed_tokenizer
 
         started = time.perf_counter()
@@ -358,8 +430,12 @@ def main() -> None:
         return
     try:
         report = compare(args)
+    except TooBig as exc:
+        print(f"bench/train.py: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except RuntimeError as exc:
-        raise SystemExit(str(exc)) from None
+        print(f"bench/train.py: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(json.dumps(report, indent=1))
 
 

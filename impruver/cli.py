@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint, closest
+from impruver.commands import LATER_STAGES, Invocation, set_current
 from impruver.jobs import STAGES  # light: the stage functions are imported only when they run
 from impruver.ui import console, print_error, print_warning, setup_logging
 
@@ -244,7 +245,6 @@ def launch(stage: str, args: Args) -> int:
     """Check the configs are safe and every listable job plans, then hand the command line to Hydra, which
     calls the stage once per job with its plan (impruver.compose.make_job -> impruver.jobs.run_job)."""
     from impruver import compose as hydra_side
-    from impruver.jobs import run_job
 
     report_to = args.flags.pop("report_to", None)
     if report_to:
@@ -259,6 +259,10 @@ def launch(stage: str, args: Args) -> int:
     if _completing(args):
         return _complete(stage, args, config_file)
     _check_one_mode(args)
+    config_file, overrides = _later_stage_source(stage, args, config_file, overrides)
+    invocation = Invocation(config_file, tuple(overrides),
+                            pinned=not hydra_side.default_preset_applies(overrides, config_file))
+    set_current(invocation)
     overrides = hydra_side.hydra_overrides(overrides, config_file=config_file)
     settings = [*hydra_side.hydra_settings(), "hydra.run.dir=."]
     checked, sweep_dir = hydra_side.Precheck(), None
@@ -267,7 +271,7 @@ def launch(stage: str, args: Args) -> int:
         if args.multirun:
             sweep_dir = _start_sweep(stage, checked)
             settings.append(f"hydra.sweep.dir={sweep_dir.as_posix()}")
-    job = hydra_side.make_job(stage, flags, checked, config_file, run_job)
+    job = hydra_side.make_job(stage, flags, checked, config_file, _job_runner(invocation, args.multirun))
     hydra_side.run_hydra(job, config_file=config_file, argv=_hydra_argv(args, [*settings, *overrides]))
     if sweep_dir is not None and sweep_dir.is_dir():
         _summarize(sweep_dir)
@@ -290,6 +294,70 @@ def run_frozen_plan(stage: str, args: Args) -> int:
     flags = {k: v for k, v in args.flags.items() if k not in ("config", "plan")}
     run_job(stage, plan, [f"--plan={path}"], **flags)
     return 0
+
+
+TRAINING_STAGES = ("main", "train")
+
+
+def _later_stage_source(stage: str, args: Args, config_file: str | None,
+                        overrides: list[str]) -> tuple[str | None, list[str]]:
+    """``impruver chat`` (no recipe, no output_dir): the last run's config file and overrides, saying so."""
+    from impruver import compose as hydra_side
+    from impruver.commands import reuse_last_run
+
+    if (stage not in LATER_STAGES or args.informational or args.multirun
+            or not hydra_side.default_preset_applies(overrides, config_file) or _names_output_dir(overrides)):
+        return config_file, overrides
+    reused = reuse_last_run(overrides)
+    if reused is None:
+        return config_file, overrides
+    config_file, overrides, note = reused
+    console.print(note, markup=False, highlight=False)
+    return config_file, overrides
+
+
+def _names_output_dir(overrides: Sequence[str]) -> bool:
+    from impruver.compose import parse_overrides
+
+    parsed, _ = parse_overrides(overrides)
+    return any(o.get_key_element().lstrip("+~") == "output_dir" for o in parsed)
+
+
+def _job_runner(invocation: Invocation, multirun: bool) -> Any:
+    """run_job, plus for a training job on its own (not a sweep's point, not a worker rank): the record of
+    the last run before it trains, and after it what was left out of the data and the next commands."""
+    from impruver.jobs import run_job
+    from impruver.ui import is_main_process
+
+    def run(stage: str, plan: Any, overrides: list[str], **flags: Any) -> Any:
+        own = stage in TRAINING_STAGES and not multirun and is_main_process()
+        if own:
+            from impruver.commands import record_last_run
+
+            record_last_run(plan.output_dir, invocation)
+        result = run_job(stage, plan, overrides, **flags)
+        if own:
+            _after_training(plan, invocation)
+        return result
+
+    return run
+
+
+def _after_training(plan: Any, invocation: Invocation) -> None:
+    """What composition left out (counts and the setting that keeps it), then the commands to run next."""
+    import json
+
+    from impruver.commands import next_commands
+    from impruver.data.pipeline import paths_of
+    from impruver.report import data_notes, render_next
+
+    try:
+        report = json.loads(paths_of(plan)["report"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = {}
+    for note in data_notes(report, plan):
+        print_warning(note)
+    console.print(render_next(next_commands(plan, invocation)), markup=False, highlight=False)
 
 
 # Hydra's modes: one per command line (Hydra itself would end in a ValueError traceback).

@@ -174,8 +174,9 @@ def data_overrides(overrides: Sequence[str], *, config_file: str | None = None) 
 
     Becomes ``dataset.sources=[{name, path, format: auto}, ...]`` (replacing the sources: the format of each is
     detected from its records), ``output_dir=outputs/<file stems>`` unless one is given (or the config file
-    sets one), and ``eval.questions=null`` unless given (the recipe's own question file is about its own data).
-    The dataset's other settings (validation size, length limit, dedup) stay the recipe's.
+    sets one), ``eval.questions=null`` unless given (the recipe's own question file is about its own data), and
+    ``dataset.val_size=null`` unless a validation size is given (a share of the records, ``dataset.val_fraction``,
+    instead of a count chosen for the recipe's data). The length limit and dedup stay the recipe's.
 
     Raises:
         ConfigError: a sweep or a value that is not a path, or ``data=`` together with ``dataset.sources=``.
@@ -209,6 +210,8 @@ def data_overrides(overrides: Sequence[str], *, config_file: str | None = None) 
         lines.append(f"output_dir={hydra_literal(os.path.join('outputs', '+'.join(names)))}")
     if "eval.questions" not in keys:
         lines.append("eval.questions=null")
+    if not keys & {"dataset.val_size", "dataset.val_fraction"}:
+        lines.append("dataset.val_size=null")  # a share of the records (val_fraction), not the demo's fixed 64
     first = overrides.index(data[0].input_line)
     kept = [line for line in overrides if line not in {o.input_line for o in data}]
     return [*kept[:first], *lines, *kept[first:]]

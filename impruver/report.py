@@ -112,3 +112,53 @@ def config_file_text(config: dict[str, Any], *, preset: str, dest: str) -> str:
         f"#   impruver run chat {dest}                      # talk to the result\n"
     )
     return header + yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=120)
+
+
+# -- the end of a run -----------------------------------------------------------------------------------------
+
+
+def data_notes(report: dict[str, Any], plan: Any) -> list[str]:
+    """What composition left out of the training data, per source, with counts and the setting that keeps it:
+    nothing dropped goes unmentioned in the main job's log (the compose report has the details)."""
+    settings = report.get("settings", {})
+    max_tokens = settings.get("max_tokens", plan.max_tokens)
+    notes = []
+    for name, row in report.get("sources", {}).items():
+        loaded = row.get("loaded") or 0
+        if not loaded:
+            continue
+
+        def share(n: int) -> str:
+            return f"{n} of {loaded} records ({n / loaded:.0%})"
+
+        too_long = row.get("too_long", 0)
+        if too_long:
+            room = (f"raise dataset.max_tokens (up to the model's context, {plan.context_length} tokens)"
+                    if max_tokens < plan.context_length else
+                    f"choose a model with a longer context than {plan.context_length} tokens")
+            notes.append(f"{name}: {share(too_long)} dropped as longer than {max_tokens} tokens; to keep them, "
+                         f"{room}, or cut them to fit with dataset.length_policy=truncate")
+        invalid = sum(row.get("invalid", {}).values())
+        if invalid:
+            notes.append(f"{name}: {share(invalid)} invalid, skipped by dataset.on_error=skip "
+                         f"({_reasons(row['invalid'])}); dataset.on_error=raise names each with its file and line")
+        skipped = sum(row.get("skipped", {}).values()) + row.get("no_trainable", 0)
+        if skipped:
+            reasons = {**row.get("skipped", {}), **({"nothing to train on": row["no_trainable"]}
+                                                     if row.get("no_trainable") else {})}
+            notes.append(f"{name}: {share(skipped)} skipped ({_reasons(reasons)})")
+        duplicates = row.get("duplicates", 0)
+        if duplicates:
+            notes.append(f"{name}: {share(duplicates)} dropped as duplicates of others (dataset.dedup.near=false "
+                         f"keeps near-duplicates, dataset.dedup.exact=false exact ones)")
+    return notes
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in counts.items())
+
+
+def render_next(steps: list[tuple[str, str]]) -> str:
+    """The commands to run next, aligned, each with what it does."""
+    width = max(len(cmd) for cmd, _ in steps)
+    return "next:\n" + "\n".join(f"  {cmd.ljust(width)}   # {what}" for cmd, what in steps)

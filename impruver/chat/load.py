@@ -90,8 +90,8 @@ def locate(output_dir: str | os.PathLike[str], *, model_path: str | None = None)
     folder = Path(output_dir).expanduser()
     if not folder.is_dir():
         raise RunError(f"{folder} does not exist, so there is no model to chat with. Train one first: "
-                       f"`impruver train output_dir={folder}` (with the preset and overrides you want), "
-                       f"or point output_dir= at a folder that holds a trained model.")
+                       f"`{_command('train', folder)}`, or point output_dir= at a folder that holds a trained "
+                       f"model.")
     is_adapter = (folder / "adapter_config.json").is_file()
     if _weight_files(folder) or ((folder / "config.json").is_file() and not is_adapter):
         _check_model_folder(folder)
@@ -231,23 +231,77 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _nothing_there(folder: Path) -> str:
     head = (f"{folder} has no model to chat with: no model weights (config.json + model.safetensors), no peft "
             f"adapter (adapter_config.json + adapter_model.safetensors) and no merged export.")
-    running = _recently_written(folder)
-    if running:
-        return (f"{head} A training run seems to be in progress ({running}); the model is saved when it ends: "
-                f"chat then.")
     checkpoints = _checkpoints(folder)
+    resume = f"`{_command('train', folder, 'train.resume=auto')}`"
+    standalone = [p for p in checkpoints if (p / "config.json").is_file()]
+    also = f", or chat with a checkpoint: `{_command('chat', folder, f'output_dir={standalone[-1]}')}`" \
+        if standalone else ""
+    state, who = _training_state(folder)
+    if state == "running":
+        return (f"{head} A training run is writing it now ({who}); the model is saved when it ends: chat then.")
+    if state == "gone":
+        what = f"resume it from its last checkpoint ({checkpoints[-1].name}) with {resume}" if checkpoints \
+            else f"start it again with `{_command('train', folder)}`"
+        return f"{head} The training run that held it ({who}) is no longer running: {what}{also}."
+    if state == "recent":
+        return (f"{head} A training run seems to be in progress ({who}); the model is saved when it ends: chat "
+                f"then. If that run was stopped, resume it with {resume}{also}.")
     if checkpoints:
         names = ", ".join(p.name for p in checkpoints)
-        hint = f"`impruver train output_dir={folder} train.resume=auto`"
-        standalone = [p for p in checkpoints if (p / "config.json").is_file()]
-        also = f", or chat with a checkpoint: `impruver chat output_dir={standalone[-1]}`" if standalone else ""
         return (f"{head} It holds checkpoints ({names}): the training run stopped before the end. "
-                f"Finish it with {hint}{also}.")
+                f"Finish it with {resume}{also}.")
     layout = RunLayout.of(folder)
     if layout.plan.is_file() or layout.data.is_dir():
         return (f"{head} It holds a plan (or composed data) but no trained model yet: run "
-                f"`impruver train output_dir={folder}` and chat when it has finished.")
+                f"`{_command('train', folder)}` and chat when it has finished.")
     return f"{head} {_train_hint(folder)}"
+
+
+def _command(stage: str, folder: Path, *extra: str) -> str:
+    """The command for ``stage`` on this run, as the running command line names it (its config file and
+    overrides), so that it works as printed; ``output_dir=folder`` when impruver is used as a library."""
+    from impruver.commands import command
+
+    return command(stage, *extra, output_dir=str(folder))
+
+
+# The lock a training run holds on its output_dir: JSON {"pid": int, "host": str, "started": ...}.
+LOCK_FILE = ".lock"
+
+
+def _training_state(folder: Path) -> tuple[str, str]:
+    """Whether a training run is using ``folder``: ("running" | "gone" | "recent" | "", who or what says so).
+
+    The run's lock decides when there is one: its pid alive on this host (or a lock of another host, which
+    cannot be checked from here) is "running", a dead pid "gone". Without a lock, a training log written in
+    the last 10 minutes is "recent" (perhaps running, perhaps killed).
+    """
+    import socket
+
+    try:
+        owner = json.loads((folder / LOCK_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        owner = None
+    if isinstance(owner, dict) and isinstance(owner.get("pid"), int):
+        pid, host = owner["pid"], owner.get("host")
+        who = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+        if host and host != socket.gethostname():
+            return "running", who
+        return ("running" if _pid_alive(pid) else "gone"), who
+    recent = _recently_written(folder)
+    return ("recent", recent) if recent else ("", "")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _checkpoints(folder: Path) -> list[Path]:
@@ -269,8 +323,8 @@ def _recently_written(folder: Path, within_s: float = 600) -> str:
 
 
 def _train_hint(folder: Path) -> str:
-    return (f"Train a model there with `impruver train output_dir={folder}` (an adapter can also be merged "
-            f"into a standalone model with `impruver export`).")
+    return (f"Train a model there with `{_command('train', folder)}` (an adapter can also be merged "
+            f"into a standalone model with `{_command('export', folder)}`).")
 
 
 # -- loading (torch) -------------------------------------------------------------------------------------------
