@@ -23,6 +23,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -438,7 +439,7 @@ def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[st
     processes = plan.dataset.num_proc or _cores()
     convert.init_worker(settings)  # here first: forked workers inherit the loaded tokenizer and imports
     if processes < 2 or len(head) < POOL_MIN_CHUNKS:
-        for task in [*head, *tasks]:
+        for task in chain(head, tasks):  # one chunk in memory at a time (a list here would read every source)
             collected.add(task[3], convert.process_chunk(task))
     else:
         _run_pool(settings, [*head], tasks, processes, collected)
@@ -464,7 +465,7 @@ def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], p
     pool = mp.get_context(method).Pool(processes, initializer=convert.init_worker, initargs=(settings,))
     try:
         pending: deque[tuple[str, Any]] = deque()
-        for task in [*head, *tasks]:
+        for task in chain(head, tasks):  # lazily: the window below bounds the chunks read ahead
             pending.append((task[3], pool.apply_async(convert.process_chunk, (task,))))
             while len(pending) >= 2 * processes:
                 shard, handle = pending.popleft()
