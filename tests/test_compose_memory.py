@@ -79,3 +79,39 @@ def test_word_hashing_in_windows_gives_the_same_shingles_and_signatures(monkeypa
     assert np.array_equal(dedup.signatures(texts, num_perm=64, shingle_size=5, block=50), signed)
     for k, text in enumerate(texts):  # one by one (its own path) agrees with the batch
         assert np.array_equal(dedup.signature(text, num_perm=64, shingle_size=5), signed[k])
+
+
+def test_the_worker_pool_reads_only_a_window_of_chunks_ahead(tmp_path: Path, monkeypatch) -> None:
+    """The parent hands chunks to the workers as it reads them: never more than the window (2 per process) is
+    read ahead of what came back, so the parent never holds the input."""
+    from impruver.data import pipeline
+    from impruver.plan import DatasetSpec, DedupSpec, SourceSpec
+    from test_train_support import make_tokenizer, tiny_plan
+
+    make_tokenizer(tmp_path / "out" / "tok")
+    chats = [{"messages": [{"role": "user", "content": f"question {i} one two three"},
+                           {"role": "assistant", "content": f"answer {i} four five six"}]} for i in range(120)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    monkeypatch.setattr(pipeline, "CHUNK", 4)  # 30 chunks
+    read, ahead = [0], []
+    tasks = pipeline._tasks
+
+    def counted(*args):
+        for task in tasks(*args):
+            read[0] += 1
+            yield task
+
+    add = pipeline._Collector.add
+
+    def collected(self, shard, result):
+        ahead.append(read[0] - len(ahead))  # chunks read but not yet back
+        return add(self, shard, result)
+
+    monkeypatch.setattr(pipeline, "_tasks", counted)
+    monkeypatch.setattr(pipeline._Collector, "add", collected)
+    plan = tiny_plan(tmp_path / "out")
+    dataset = DatasetSpec(sources={"c": SourceSpec(path=str(tmp_path / "c.jsonl"), format="openai")},
+                          val_size=2, num_proc=2, dedup=DedupSpec(near=False), max_tokens=128)
+    result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
+    assert result.report["train"]["samples"] == 118 and len(ahead) == 30
+    assert max(ahead) <= 2 * 2, ahead
