@@ -169,6 +169,217 @@ def json_array_figures(megabytes: int, work: Path) -> dict[str, dict]:
     return figures
 
 
+# -- whole-compose memory: peak PSS summed over the process tree, records/s ---------------------------------------
+
+_MEMORY_RUN = """
+import json, os, sys, time
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, sys.argv[1])
+from compose import memory_run
+print("RESULT " + json.dumps(memory_run(*sys.argv[2:])), flush=True)
+"""
+
+
+def _words(rng: random.Random, vocabulary: list[str], count: int) -> str:
+    return " ".join(rng.choice(vocabulary) for _ in range(count))
+
+
+VOCABULARY = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "ta", "vo", "sha", "der", "pin", "gul", "fe")
+              for b in ("n", "ra", "tel", "mo", "ski", "bar", "dum", "vel", "sa", "k", "lit", "pon", "zu", "ro")]
+
+
+def make_array(path: Path, megabytes: int) -> int:
+    """A JSON array of about ``megabytes`` MB of short distinct chats (words drawn from a seeded RNG); at 200 MB
+    552k records of about 360 bytes. Returns the record count."""
+    rng = random.Random(0)
+    count = 0
+    with path.open("w", encoding="utf-8") as out:
+        out.write("[")
+        written = 0
+        while written < megabytes * 1_000_000:
+            line = json.dumps({"messages": [
+                {"role": "user", "content": f"Question {count}: " + _words(rng, VOCABULARY, 14) + "?"},
+                {"role": "assistant", "content": _words(rng, VOCABULARY, 20) + "."}]})
+            out.write(("," if count else "") + "\n" + line)
+            written, count = written + len(line) + 2, count + 1
+        out.write("\n]")
+    return count
+
+
+def make_documents(path: Path, count: int = 3, megabytes: int = 5) -> int:
+    """``count`` text documents of ``megabytes`` MB each (lines of seeded random words), as {"text"} JSON lines."""
+    rng = random.Random(1)
+    with path.open("w", encoding="utf-8") as out:
+        for _ in range(count):
+            lines, size = [], 0
+            while size < megabytes * 1_000_000:
+                line = _words(rng, VOCABULARY, 12) + "."
+                lines.append(line)
+                size += len(line) + 1
+            out.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    return count
+
+
+def _bench_plan(data: Path, fmt: str, tokenizer_dir: Path, out: Path, limit: int | None):
+    from impruver.compose import compose
+    from impruver.plan import DatasetSpec, SourceSpec, make_plan
+
+    composed = compose(["preset=demo", f"output_dir={out}"])
+    plan = make_plan(composed.config, choices=composed.choices)
+    dataset = DatasetSpec(sources={"bench": SourceSpec(path=str(data), format=fmt, limit=limit)},
+                          val_fraction=0.01, max_tokens=2048)
+    tokenizer = plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tokenizer_dir), "chat_template": "saiga"})
+    model = plan.model.model_copy(update={"context_length": 2048})
+    return plan.model_copy(update={"dataset": dataset, "tokenizer": tokenizer, "model": model})
+
+
+def memory_run(how: str, data: str, fmt: str, tokenizer_dir: str, work: str, limit: str) -> dict:
+    """One measured run, in its own process (the parent samples its memory): ``impruver`` composes; ``json_load``
+    is json.load (or reading every line) + a tokenizer pass keeping ids in lists; ``datasets`` is a bare
+    ``datasets.load_dataset("json")`` + a batched ``map`` of the tokenizer."""
+    start = time.perf_counter()
+    cap = int(limit) or None
+    path = Path(data)
+    if how == "impruver":
+        from impruver.data import pipeline
+
+        plan = _bench_plan(path, fmt, Path(tokenizer_dir), Path(work) / "out", cap)
+        report = pipeline.compose(plan, force=True).report
+        records = sum(row["loaded"] for row in report["sources"].values())
+        return {"records": records, "seconds": round(time.perf_counter() - start, 2),
+                "train_samples": report["train"]["samples"], "train_tokens": report["train"]["tokens"]}
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    backend = tok.backend_tokenizer
+
+    def text_of(record: dict) -> str:
+        return record["text"] if "text" in record else "\n".join(m["content"] for m in record["messages"])
+
+    if how == "json_load":
+        with path.open(encoding="utf-8") as handle:
+            if path.suffix == ".json":
+                records = json.load(handle)[:cap]
+            else:
+                records = [json.loads(line) for line in handle][:cap]
+        ids = []
+        for i in range(0, len(records), 1000):
+            ids += [e.ids for e in backend.encode_batch([text_of(r) for r in records[i:i + 1000]],
+                                                         add_special_tokens=False)]
+        count = len(records)
+    else:
+        import datasets
+
+        data_set = datasets.load_dataset("json", data_files=str(path), split="train",
+                                         cache_dir=str(Path(work) / "hf"))
+        if cap:
+            data_set = data_set.select(range(min(cap, len(data_set))))
+        columns = data_set.column_names
+        data_set = data_set.map(lambda batch: {"input_ids": [e.ids for e in backend.encode_batch(
+            [text_of(dict(zip(columns, row))) for row in zip(*(batch[c] for c in columns))],
+            add_special_tokens=False)]}, batched=True, remove_columns=columns)
+        count = len(data_set)
+    return {"records": count, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc/<pid>/stat parent ids)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def _rollup(pid: int) -> tuple[int, int]:
+    """(Pss, Rss) in kB of one process, from /proc/<pid>/smaps_rollup (0, 0 once it is gone)."""
+    pss = rss = 0
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+def measured(args: list[str]) -> dict:
+    """Run ``memory_run(*args)`` in a fresh process; its peak PSS and RSS summed over it and its workers, sampled
+    every 50 ms."""
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", _MEMORY_RUN, str(Path(__file__).parent), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_pss = peak_rss = 0
+    while child.poll() is None:
+        figures = [_rollup(pid) for pid in _tree(child.pid)]
+        peak_pss = max(peak_pss, sum(f[0] for f in figures))
+        peak_rss = max(peak_rss, sum(f[1] for f in figures))
+        time.sleep(0.05)
+    out, err = child.communicate()
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    if child.returncode or not lines:
+        return {"error": (err or out)[-2000:]}
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["records_per_s"] = round(result["records"] / max(result["seconds"], 1e-9))
+    return {**result, "peak_pss_mb": round(peak_pss / 1024), "peak_rss_summed_mb": round(peak_rss / 1024)}
+
+
+def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: int) -> dict:
+    """Peak summed PSS and records/s of whole composes, impruver next to the bare readers ("before")."""
+    from transformers import PreTrainedTokenizerFast
+
+    work = Path(tempfile.mkdtemp(prefix="impruver-bench-mem-"))
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(shared / "tokenizers/gpt2/tokenizer.json"),
+                                      bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                      pad_token="<|endoftext|>")
+        tok.save_pretrained(work / "gpt2")
+        inputs: dict[str, tuple[Path, str, int]] = {}
+        if {"array", "array_limit_1000"} & set(cases):
+            records = make_array(work / "array.json", array_mb)
+            inputs["array"] = (work / "array.json", "openai", 0)
+            inputs["array_limit_1000"] = (work / "array.json", "openai", 1000)
+        if "documents" in cases:
+            make_documents(work / "docs.jsonl")
+            inputs["documents"] = (work / "docs.jsonl", "text", 0)
+        if "mix" in cases:
+            mix = scaled_records(real_conversations(shared, CHAT_FILES), mix_records)
+            (work / "mix.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mix),
+                                            encoding="utf-8")
+            inputs["mix"] = (work / "mix.jsonl", "openai", 0)
+        result: dict[str, dict] = {}
+        for case in cases:
+            path, fmt, limit = inputs[case]
+            row = {"input_mb": round(path.stat().st_size / 1e6, 1)}
+            if case.startswith("array"):
+                row["records_in_file"] = records
+            for how in ("impruver", "json_load", "datasets"):
+                row[how] = measured([how, str(path), fmt, str(work / "gpt2"), str(work / f"{case}-{how}"),
+                                     str(limit)])
+                shutil.rmtree(work / f"{case}-{how}", ignore_errors=True)
+            result[case] = row
+            print(json.dumps({case: row}), file=sys.stderr, flush=True)  # progress: each case as it ends
+        result["cores"] = len(os.sched_getaffinity(0))
+        result["load_average_1min_at_end"] = os.getloadavg()[0]
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json-array-mb", type=int, default=0,
@@ -177,7 +388,17 @@ def main() -> None:
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--repeat", type=int, default=2, help="runs of each; the best is reported")
     parser.add_argument("--with-instruct", action="store_true", help="add the long instruct files to the mix")
+    parser.add_argument("--memory", default="",
+                        help="whole-compose memory figures for these cases (comma-separated: array, "
+                             "array_limit_1000, documents, mix, or all): peak PSS summed over all processes and "
+                             "records/s, impruver next to json.load + tokenizer and datasets.load_dataset + map")
+    parser.add_argument("--array-mb", type=int, default=200, help="size of the JSON array of --memory array")
     args = parser.parse_args()
+    if args.memory:
+        cases = ["array", "array_limit_1000", "documents", "mix"] if args.memory == "all" else \
+            args.memory.split(",")
+        print(json.dumps(memory_figures(Path(args.shared), args.array_mb, cases, args.records), indent=2))
+        return
     if args.json_array_mb:
         work = Path(tempfile.mkdtemp(prefix="impruver-bench-"))
         try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from impruver.data import pipeline
+from impruver.data.store import store_files
 from impruver.errors import DataError
 from impruver.plan import DatasetSpec, DedupSpec, SourceSpec
 
@@ -107,8 +108,10 @@ def test_outputs_are_byte_identical_and_independent_of_processes(tmp_path, monke
     for num_proc in (2, 2, 1):
         plan = demo_plan(tmp_path, sources, num_proc=num_proc)
         result = pipeline.compose(plan, force=True)
+        stores = [f.read_bytes() for split in (result.train_path, result.val_path)
+                  for f in store_files(split).values()]
         outputs.append([result.train_path.read_bytes(), result.val_path.read_bytes(),
-                        (result.tokenizer_dir / "tokenizer.json").read_bytes()])
+                        (result.tokenizer_dir / "tokenizer.json").read_bytes(), *stores])
     assert outputs[0] == outputs[1] == outputs[2]
 
 

@@ -107,3 +107,36 @@ def test_cli_compose_export_messages_flag(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(target.read_text(encoding="utf-8").splitlines()) == 100
     assert (tmp_path / "o" / "data" / "train.ids.npy").is_file()  # and the compose itself ran
+
+
+SEED = SHARED / "oasst/openassistant_realistic_seed_data.json"
+
+
+@needs_shared
+@pytest.mark.parametrize(("branch", "expected"), [("main", 74), ("all", 158)])
+def test_the_flat_message_export_is_assembled_into_trees(tmp_path: Path, branch: str, expected: int) -> None:
+    """OpenAssistant's messages linked by parent ids: every path from a prompt to a leaf (branch: all), cut back
+    to its last answer, checked against the parent links read here independently."""
+    messages = json.loads(SEED.read_text(encoding="utf-8"))
+    children: dict = {}
+    for m in messages:
+        children.setdefault(m["parent_message_id"], []).append(m)
+
+    def paths(node: dict, path: list[dict]) -> list[list[str]]:
+        replies = children.get(node["user_message_id"], [])
+        if not replies:
+            while path and path[-1]["role"] != "assistant":
+                path = path[:-1]
+            return [[m["text"] for m in path]] if path else []
+        return [p for r in replies for p in paths(r, [*path, r])]
+
+    roots = children[None]
+    plan = plan_of(tmp_path, {"seed": {"path": str(SEED), "format": "oasst", "options": {"branch": branch}}})
+    target = tmp_path / "seed_flat.jsonl"
+    assert pipeline.write_messages(plan, target) == {"seed": expected}
+    lines = [[m["content"] for m in json.loads(x)["messages"]] for x in target.read_text().splitlines()]
+    if branch == "all":
+        assert sorted(lines) == sorted(p for r in roots for p in paths(r, [r]))
+    else:  # unranked replies: the first one at every turn, one conversation per prompt, in file order
+        assert [line[0] for line in lines] == [r["text"] for r in roots]
+        assert all(line in paths(r, [r]) for line, r in zip(lines, roots))

@@ -203,7 +203,7 @@ def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[
     samples = [sample for _, unit_samples in units for sample in unit_samples]
     lines = [_line(sample.input_ids, sample.labels) for sample in samples]
     with open(shard, "wb") as handle:
-        handle.write(b"".join(lines))
+        handle.writelines(lines)  # not joined first: a long document's lines are tens of MB
     with open(shard + TOKENS_SUFFIX, "wb") as handle:  # the same samples for the token store: all ids, then labels
         total = sum(len(s.input_ids) for s in samples)
         for part in ("input_ids", "labels"):

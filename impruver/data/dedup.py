@@ -74,6 +74,42 @@ def _inverse_powers(length: int) -> np.ndarray:
     return _INVERSE_POWERS[:length]
 
 
+_WINDOW_BYTES = 1 << 20  # bytes hashed at once: the per-byte uint64 temporaries stay ~40 MB for any text size
+
+
+def _word_hashes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The hash and first byte of every word of ``data`` (uint8), hashed in windows of about _WINDOW_BYTES cut
+    between words: memory is bounded per window, not per document, and a word's hash depends on its bytes only.
+
+    A word's hash sums byte * BASE**(place in word + 1). With every byte weighted by BASE**(place in the window
+    + 1) instead, a word's sum is BASE**start times its hash, and BASE is odd, so invertible mod 2**64: one
+    multiplication per word by BASE**-start gives the same hash with no per-byte gather.
+
+    Returns:
+        (words,) uint64 hashes (mixed) and (words,) int64 positions in ``data``.
+    """
+    hashes, firsts = [], []
+    start, size = 0, len(data)
+    while start < size:
+        stop = min(size, start + _WINDOW_BYTES)
+        while stop < size and _WORD_BYTE[data[stop]]:  # move the cut to the next byte outside a word
+            gaps = np.flatnonzero(~_WORD_BYTE[data[stop:stop + 4096]])
+            stop = min(size, stop + (int(gaps[0]) if len(gaps) else 4096))
+        inside = _WORD_BYTE[data[start:stop]]
+        begins = inside.copy()
+        begins[1:] &= ~inside[:-1]  # the first byte of each word
+        if begins.any():
+            word_bytes = data[start:stop][inside].astype(np.uint64)
+            starts = np.flatnonzero(begins[inside])  # where each word starts among the word bytes
+            summed = np.add.reduceat(word_bytes * _powers(len(word_bytes)), starts)
+            hashes.append(_mix(summed * _inverse_powers(len(word_bytes))[starts]))
+            firsts.append(np.flatnonzero(begins) + start)
+        start = stop
+    if not hashes:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(hashes), np.concatenate(firsts)
+
+
 def shingles(text: str, size: int) -> np.ndarray:
     """64-bit hashes of the distinct runs of ``size`` consecutive words (order-aware), all in numpy.
 
@@ -81,19 +117,9 @@ def shingles(text: str, size: int) -> np.ndarray:
     is a polynomial of its bytes; a shingle combines its words' hashes with position-dependent multipliers, so
     "a b" and "b a" differ. uint64 arithmetic wraps, deterministically.
     """
-    data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
-    inside = _WORD_BYTE[data]
-    word_bytes = data[inside].astype(np.uint64)
-    if len(word_bytes) == 0:
+    word_hash, _ = _word_hashes(np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8))
+    if len(word_hash) == 0:
         return np.zeros(1, dtype=np.uint64)
-    begins = inside.copy()
-    begins[1:] &= ~inside[:-1]  # the first byte of each word
-    starts = np.flatnonzero(begins[inside])  # where each word starts among the word bytes
-    lengths = np.empty_like(starts)
-    lengths[:-1] = starts[1:] - starts[:-1]
-    lengths[-1] = len(word_bytes) - starts[-1]
-    position = np.arange(len(word_bytes)) - np.repeat(starts, lengths)  # byte's place in its word
-    word_hash = _mix(np.add.reduceat(word_bytes * _powers(len(word_bytes))[position], starts))
     count = len(word_hash)
     span = min(size, count)
     grams = np.zeros(count - span + 1, dtype=np.uint64)
@@ -124,7 +150,7 @@ def signature(text: str, *, num_perm: int, shingle_size: int) -> np.ndarray:
 def signatures(texts: list[str], *, num_perm: int, shingle_size: int, block: int = 1 << 12) -> np.ndarray:
     """MinHash signatures of many texts at once, exactly as :func:`signature` gives them one by one.
 
-    All texts' bytes are hashed in one numpy pass (joined by a newline, which no word contains), shingles are
+    All texts' words are hashed in numpy windows (joined by a newline, which no word contains), shingles are
     kept only where all their words belong to the same text, and the permutations run as one (shingles, num_perm)
     matrix product per block of about ``block`` shingles; a text's minimum is taken over its shingles with
     ``np.minimum.reduceat``. Duplicate shingles need no removal: they do not change a minimum. Texts with fewer
@@ -140,10 +166,7 @@ def signatures(texts: list[str], *, num_perm: int, shingle_size: int, block: int
     data = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
     text_start = np.zeros(len(texts), dtype=np.int64)  # first byte of each text in ``data``
     np.cumsum([len(e) + 1 for e in encoded[:-1]], out=text_start[1:])
-    inside = _WORD_BYTE[data]
-    begins = inside.copy()
-    begins[1:] &= ~inside[:-1]
-    word_first_byte = np.flatnonzero(begins)  # (words,) position in ``data``
+    word_hash, word_first_byte = _word_hashes(data)  # (words,): hash, position in ``data``
     word_text = np.searchsorted(text_start, word_first_byte, side="right") - 1  # (words,) text of each word
     words_per_text = np.bincount(word_text, minlength=len(texts))
     a, b = _permutations(num_perm)
@@ -152,13 +175,6 @@ def signatures(texts: list[str], *, num_perm: int, shingle_size: int, block: int
         out[k] = signature(texts[k], num_perm=num_perm, shingle_size=shingle_size)
     if len(short) == len(texts):
         return out
-    word_bytes = data[inside].astype(np.uint64)
-    starts = np.flatnonzero(begins[inside])
-    # A word's hash sums byte * BASE**(place in word + 1). With every byte weighted by BASE**(place in the chunk
-    # + 1) instead, a word's sum is BASE**start times its hash, and BASE is odd, so invertible mod 2**64: one
-    # multiplication per word by BASE**-start gives the same hash with no per-byte gather.
-    summed = np.add.reduceat(word_bytes * _powers(len(word_bytes)), starts)
-    word_hash = _mix(summed * _inverse_powers(len(word_bytes))[starts])
     count = len(word_hash)
     grams = np.zeros(count - shingle_size + 1, dtype=np.uint64)
     for j in range(shingle_size):  # as in shingles(): word hash times the multiplier of its place
@@ -168,16 +184,19 @@ def signatures(texts: list[str], *, num_perm: int, shingle_size: int, block: int
     gram_text = word_text[:len(whole)][whole]  # (grams,) non-decreasing
     present = np.flatnonzero(words_per_text >= shingle_size)  # texts that have grams, in order
     first = np.searchsorted(gram_text, present)  # each such text's first gram
-    done = 0
-    while done < len(present):  # blocks of whole texts, about ``block`` shingles each
-        end = max(done + 1, int(np.searchsorted(first, first[done] + block, side="right")))
-        lo, hi = first[done], (first[end] if end < len(present) else len(grams))
-        values = np.multiply.outer(a, grams[lo:hi])  # (num_perm, shingles): each text's shingles contiguous
+    # Blocks of ``block`` shingles, cut anywhere (a long document spans many): each block's minimum per text it
+    # touches, folded into a running minimum per text. Memory: one (num_perm, block) matrix, whatever the sizes.
+    lowest = np.full((len(present), num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+    for lo in range(0, len(grams), block):
+        hi = min(len(grams), lo + block)
+        values = np.multiply.outer(a, grams[lo:hi])  # (num_perm, shingles)
         values += b[:, None]
-        # The top 32 bits of the minimum are the minimum of the top 32 bits (>> is monotonic): shift after.
-        lowest = np.minimum.reduceat(values, first[done:end] - lo, axis=1)
-        out[present[done:end]] = (lowest >> np.uint64(32)).T
-        done = end
+        t0 = int(np.searchsorted(first, lo, side="right")) - 1  # the text holding shingle ``lo``
+        t1 = int(np.searchsorted(first, hi, side="left"))  # texts t0..t1-1 have shingles in the block
+        segments = np.maximum(first[t0:t1], lo) - lo  # strictly increasing, the first 0
+        np.minimum(lowest[t0:t1], np.minimum.reduceat(values, segments, axis=1).T, out=lowest[t0:t1])
+    # The top 32 bits of the minimum are the minimum of the top 32 bits (>> is monotonic): shift after.
+    out[present] = (lowest >> np.uint64(32)).astype(np.uint32)
     return out
 
 

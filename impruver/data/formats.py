@@ -355,6 +355,9 @@ def oasst(record: dict[str, Any], *, branch: str = "main", max_rank: int | None 
     {text, role: prompter|assistant, rank, lang, deleted, review_result, replies: [...]}}`` (a bare root message
     with ``replies`` works too).
 
+    OpenAssistant's flat message export (one message a record, with parent ids) is read too: the source
+    assembles its trees first (:func:`oasst_trees`).
+
     ``branch: main`` gives one conversation per tree, following the best-ranked reply (rank 0) at every turn;
     ``branch: all`` gives one per leaf, every path from the prompt to an answer. Replies ranked worse than
     ``max_rank``, deleted ones, those that failed review and (with ``langs``) other languages are left out. A
@@ -409,11 +412,66 @@ def oasst(record: dict[str, Any], *, branch: str = "main", max_rank: int | None 
     return conversations
 
 
+_OASST_ID = ("message_id", "user_message_id")  # a message's id in OpenAssistant's exports
+_OASST_PARENT = ("parent_id", "parent_message_id")  # and its parent's (null for a prompt)
+
+
+def oasst_trees(items: Any) -> Any:
+    """OpenAssistant's flat message export (one message a record, linked by ``parent_id`` / ``parent_message_id``
+    to its parent's ``message_id`` / ``user_message_id``) assembled into the trees :func:`oasst` reads, one per
+    prompt, in the order the prompts come; replies keep their order. Records that are trees already pass as they
+    are. A flat export is held whole while its trees are built (messages can come in any order); a message whose
+    parent is not in the file is left out, and counted in the log.
+
+    Args:
+        items: ``(where, payload)`` pairs as sources yield them (payloads parsed here).
+    """
+    from impruver.data.convert import parse_payload
+
+    messages: list[tuple[str, dict[str, Any]]] = []
+    for where, payload in items:
+        try:
+            record = parse_payload(payload)
+        except RecordError:
+            yield where, payload  # the converter reports it, with its line
+            continue
+        if not any(key in record for key in _OASST_PARENT):
+            yield where, record
+            continue
+        messages.append((where, record))
+    if not messages:
+        return
+    nodes = {}
+    for where, record in messages:
+        key = next((record[k] for k in _OASST_ID if record.get(k) is not None), None)
+        nodes[key] = {**record, "replies": []}
+    roots, orphans = [], 0
+    for where, record in messages:
+        node = nodes[next((record[k] for k in _OASST_ID if record.get(k) is not None), None)]
+        parent = next((record[k] for k in _OASST_PARENT if record.get(k) is not None), None)
+        if parent is None:
+            roots.append((where, node))
+        elif parent in nodes:
+            nodes[parent]["replies"].append(node)
+        else:
+            orphans += 1
+    if orphans:
+        import logging
+
+        logging.getLogger("impruver").warning("%d OpenAssistant messages whose parent is not in the file were left "
+                                              "out", orphans)
+    for where, node in roots:
+        yield where, {"prompt": node}
+
+
 def _oasst_message(message: dict[str, Any], i: int) -> Message:
     role = message.get("role")
     if role not in OASST_ROLES:
         raise RecordError("unknown_role", f"message {i} has role {role!r}; oasst trees use prompter, assistant")
     return {"role": OASST_ROLES[role], "content": text_of(message.get("text"), f"message {i}")}
+
+
+oasst.assemble = oasst_trees  # a source step: a flat message export becomes trees before records are counted
 
 
 @formats("prompt_completion")

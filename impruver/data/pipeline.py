@@ -23,6 +23,7 @@ import tempfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from impruver.ui import console, log
 
 DATA_VERSION = 2  # bump when the same inputs would give different outputs
 CHUNK = 512  # records per task sent to a worker, at most
-CHUNK_BYTES = 8 << 20  # and at most about this many bytes of JSON lines (a few long documents make a task)
+CHUNK_BYTES = 4 << 20  # and at most about this many bytes of JSON lines (a long document is a task of its own)
+POOL_MIN_CHUNKS = 3  # fewer chunks are processed here: forking workers would cost more memory than it saves time
 REPORT = "compose_report.json"
 TOKENIZER_DIR = "tokenizer"
 
@@ -443,11 +445,11 @@ def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[st
     """Run every chunk (in worker processes when there is more than one chunk and more than one core)."""
     collected = _Collector(list(plan.sources), work, settings["dedup"]["num_perm"])
     tasks = _tasks(plan, work)
-    head = [t for _, t in zip(range(2), tasks)]
+    head = [t for _, t in zip(range(POOL_MIN_CHUNKS), tasks)]
     processes = plan.dataset.num_proc or _cores()
     convert.init_worker(settings)  # here first: forked workers inherit the loaded tokenizer and imports
-    if processes < 2 or len(head) < 2:
-        for task in [*head, *tasks]:
+    if processes < 2 or len(head) < POOL_MIN_CHUNKS:
+        for task in chain(head, tasks):  # one chunk in memory at a time (a list here would read every source)
             collected.add(task[3], convert.process_chunk(task))
     else:
         _run_pool(settings, [*head], tasks, processes, collected)
@@ -473,7 +475,7 @@ def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], p
     pool = mp.get_context(method).Pool(processes, initializer=convert.init_worker, initargs=(settings,))
     try:
         pending: deque[tuple[str, Any]] = deque()
-        for task in [*head, *tasks]:
+        for task in chain(head, tasks):  # lazily: the window below bounds the chunks read ahead
             pending.append((task[3], pool.apply_async(convert.process_chunk, (task,))))
             while len(pending) >= 2 * processes:
                 shard, handle = pending.popleft()
@@ -527,10 +529,15 @@ class _Collector:
     def finish(self) -> dict[str, Any]:
         self.sig_file.close()
         self.shingle_file.close()
-        flat = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in self.parts.items()}
+        near = bool(self.parts["bands"])
+        flat = {}
+        for key in list(self.parts):  # each key's pieces freed once joined: the peak is one copy plus one key
+            pieces = self.parts.pop(key)
+            flat[key] = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+            del pieces
         units = len(flat["exact"])
         signatures = shingled = None
-        if self.parts["bands"] and units:
+        if near and units:
             signatures = np.memmap(self.sig_path, dtype=np.uint32, mode="r", shape=(units, self.num_perm))
             offsets = np.r_[0, np.cumsum(flat["shingle_counts"])]  # (units + 1,)
             values = np.memmap(self.shingle_path, dtype=np.uint64, mode="r") if offsets[-1] else \

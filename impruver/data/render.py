@@ -59,6 +59,11 @@ def _groups(messages: list[Message]) -> list[list[Message]]:
     return out
 
 
+TEXT_WINDOW = 1 << 17  # characters of a long raw text tokenized at once (Encoder.text_ids)
+TEXT_MARGIN = 1 << 10  # characters at a window's end whose tokens are left to the next window
+TEXT_CHECK = 32  # tokens on which two windows must agree where they meet
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     """The per-source settings rendering needs."""
@@ -507,6 +512,9 @@ class Encoder:
         lost: dict[int, int] = {}  # conversation -> reasoning blocks the template left out of its text
         texts, spans, where = [], [], []
         for n, conversation in enumerate(conversations):
+            if "text" in conversation and len(conversation["text"]) > 2 * TEXT_WINDOW:
+                results[n] = self._chunks(self.text_ids(conversation["text"]), options)  # a long document
+                continue
             if "text" in conversation:
                 texts.append(conversation["text"])
                 spans.append(None)
@@ -530,6 +538,46 @@ class Encoder:
                 if lost.get(n) and isinstance(results[n], list):
                     results[n][0].reasoning_dropped = lost[n]
         return results
+
+    def text_ids(self, text: str) -> list[int]:
+        """The ids of a long raw text, exactly as one ``encode`` of it gives them, tokenized in windows of
+        TEXT_WINDOW characters: a tokenizer's encoding keeps offsets and token strings (~300 bytes a token, 700 MB
+        for a 5 MB document), a window's only a few MB.
+
+        Each window is cut before a token that starts at whitespace at least TEXT_MARGIN characters before the
+        window's end (far from where the window's own end could change the tokens); the next window starts
+        there, and its first TEXT_CHECK tokens must equal the tokens the previous window had from that point on.
+        Where they do not (a tokenizer whose pieces depend on where the text starts), the text is tokenized whole.
+        """
+        whole = len(text)
+        out: list[int] = []
+        expected: list[int] = []  # the previous window's tokens from the cut on
+        position = 0
+        while True:
+            window = text[position:position + TEXT_WINDOW]
+            encoding = self.encode_texts([window])[0]
+            ids = encoding.ids
+            if expected and ids[:len(expected)] != expected:
+                return list(self.encode_texts([text])[0].ids)  # not splittable here: exact, whole
+            if position + len(window) >= whole:
+                out += ids
+                return out
+            offsets = encoding.offsets
+            cut = self._cut(window, offsets, len(window) - TEXT_MARGIN)
+            if cut is None:
+                return list(self.encode_texts([text])[0].ids)
+            out += ids[:cut]
+            expected = ids[cut:cut + TEXT_CHECK]
+            position += offsets[cut][0]
+
+    @staticmethod
+    def _cut(window: str, offsets: list[tuple[int, int]], limit: int) -> int | None:
+        """The last token (index > 0) that starts at or after whitespace, at or before character ``limit``."""
+        for k in range(len(offsets) - 1, 0, -1):
+            start = offsets[k][0]
+            if 0 < start <= limit and (window[start].isspace() or window[start - 1].isspace()):
+                return k
+        return None
 
     def _sample(self, encoding: Any, spans: list[tuple[int, int]], options: SourceOptions,
                 last_trainable: bool) -> Encoded:
@@ -589,7 +637,9 @@ class Encoder:
 
     def _chunks(self, ids: list[int], options: SourceOptions) -> list[Encoded] | RecordError:
         """Raw text: all tokens trained, an EOS closing the document, cut into max_tokens pieces."""
-        ids = list(ids) + ([self.eos_id] if self.eos_id is not None else [])
+        ids = ids if isinstance(ids, list) else list(ids)  # Encoding.ids and text_ids give a fresh list: ours
+        if self.eos_id is not None:
+            ids.append(self.eos_id)
         room = options.max_tokens - (1 if options.add_bos and self.bos_id is not None else 0)
         out = []
         for start in range(0, len(ids), room):

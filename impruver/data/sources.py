@@ -113,14 +113,34 @@ def _dataset_info_items(spec: Any, root: Path, entry: dict[str, Any], key: str) 
 
 
 def iter_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
-    """Every record of one source, sliced, limited and sampled as it says."""
+    """Every record of one source, sliced, limited and sampled as it says.
+
+    A format may carry an ``assemble`` step (``func.assemble(items) -> items``) for records that only make sense
+    together, such as OpenAssistant's flat message export (messages linked by parent ids, assembled into trees);
+    it runs before ``limit`` and ``fraction``, which then count what it yields.
+    """
+    return _assembled(_source_items(spec, name=name, seed=seed), spec, name, seed)
+
+
+def _assembled(items: Iterator[Item], spec: Any, name: str, seed: int) -> Iterator[Item]:
+    from impruver import registry
+
+    fmt = getattr(spec, "format", None)
+    assemble = getattr(registry.lookup("formats", fmt), "assemble", None) if fmt else None
+    if assemble is None:
+        return _sampled(items, spec, name, seed)
+    return _sampled(assemble(items), spec, name, seed)
+
+
+def _source_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
+    """A source's records, sliced (not yet limited or sampled)."""
     key = f"dataset.sources.{name}.path"
     listed = dataset_info_entry(spec, key)
     if listed is not None:  # LLaMA-Factory's num_samples: the first records, unless the source sets a limit
         items = _dataset_info_items(spec, *listed, key)
         if spec.limit is None and listed[1].get("num_samples"):
             items = _sliced(items, 0, int(listed[1]["num_samples"]))
-        return _sampled(items, spec, name, seed)
+        return items
     root = resolve_path(spec.path, key)
     split_name, start, stop = parse_split(spec.split, f"dataset.sources.{name}.split")
     if root is None:
@@ -131,7 +151,7 @@ def iter_items(spec: Any, *, name: str, seed: int) -> Iterator[Item]:
     if root is not None and (start or stop):
         total = _count(spec, root, key) if any(v and v.endswith("%") for v in (start, stop)) else None
         items = _sliced(items, _bound(start, total, 0), _bound(stop, total, None))
-    return _sampled(items, spec, name, seed)
+    return items
 
 
 def _bound(value: str | None, total: int | None, default: int | None) -> int | None:

@@ -1,0 +1,117 @@
+"""Memory that does not grow with a document: long raw texts tokenized in windows (the same ids as one encode),
+near-dup hashing in windows (the same shingles and signatures), and a long document composed end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_helpers import SHARED, encoder_for, gpt2_tokenizer, mistral_tokenizer, needs_shared, qwen3_tokenizer
+from impruver.data import dedup, render
+
+
+def real_text(limit: int = 60_000) -> str:
+    """English and Russian prose, lists and code-like lines from the shared files, as one document."""
+    parts = []
+    for name in ("alpaca/llamafactory_alpaca_en_demo.json", "alpaca_ru/rulm_tasks_saiga_mistral_7b_answers.jsonl"):
+        path = SHARED / name
+        rows = json.loads(path.read_text()) if path.suffix == ".json" else \
+            [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            parts.append("\n".join(str(v) for v in row.values() if isinstance(v, str) and v.strip()))
+            if sum(map(len, parts)) > limit:
+                return "\n\n".join(parts)
+    return "\n\n".join(parts)
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["gpt2", "qwen3", "mistral"])
+def test_a_long_text_gets_exactly_the_ids_of_one_encode(name: str, tmp_path: Path, monkeypatch) -> None:
+    tokenizer = {"gpt2": gpt2_tokenizer, "qwen3": lambda: qwen3_tokenizer(tmp_path / "q"),
+                 "mistral": lambda: mistral_tokenizer(tmp_path / "m")}[name]()
+    encoder = encoder_for(tokenizer, "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    text = real_text()
+    whole = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    monkeypatch.setattr(render, "TEXT_WINDOW", 3000)  # about 25 windows
+    monkeypatch.setattr(render, "TEXT_MARGIN", 200)
+    encoded_lengths = []
+    original = encoder.encode_texts
+    monkeypatch.setattr(encoder, "encode_texts", lambda texts: encoded_lengths.extend(map(len, texts))
+                        or original(texts))
+    assert encoder.text_ids(text) == whole
+    if name != "mistral":  # byte-level BPEs split at whitespace: windows all the way, never the whole text
+        assert len(encoded_lengths) > 20 and max(encoded_lengths) <= 3000
+
+
+@needs_shared
+def test_a_long_document_composes_to_the_chunks_of_its_whole_encoding(tmp_path: Path, monkeypatch) -> None:
+    from impruver.data import pipeline
+    from impruver.plan import DatasetSpec, DedupSpec, SourceSpec
+    from test_train_support import tiny_plan
+
+    text = real_text(40_000)
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    tok = gpt2_tokenizer()
+    tok.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(render, "TEXT_WINDOW", 4000)
+    plan = tiny_plan(tmp_path / "out", tokenizer_path=str(tmp_path / "gpt2"))
+    dataset = DatasetSpec(sources={"doc": SourceSpec(path=str(tmp_path / "doc.jsonl"), format="text")},
+                          val_size=0, max_tokens=128, num_proc=1, dedup=DedupSpec(near=True))
+    result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
+    ids = [*tok.backend_tokenizer.encode(text, add_special_tokens=False).ids, tok.eos_token_id]
+    reference = [ids[i:i + 128] for i in range(0, len(ids), 128)]
+    reference = [piece for piece in reference if len(piece) > 1]
+    lines = [json.loads(line) for line in result.train_path.read_text().splitlines()]
+    assert [line["input_ids"] for line in lines] == reference and len(reference) > 50
+
+
+@needs_shared
+def test_word_hashing_in_windows_gives_the_same_shingles_and_signatures(monkeypatch) -> None:
+    texts = [real_text(20_000), "короткий текст про мир", "a b", "", real_text(3_000)[::-1]]
+    shingled = [dedup.shingles(t, 5) for t in texts]
+    signed = dedup.signatures(texts, num_perm=64, shingle_size=5)
+    monkeypatch.setattr(dedup, "_WINDOW_BYTES", 97)  # windows that fall inside words, cut at the next gap
+    for text, expected in zip(texts, shingled):
+        assert np.array_equal(dedup.shingles(text, 5), expected)
+    assert np.array_equal(dedup.signatures(texts, num_perm=64, shingle_size=5, block=50), signed)
+    for k, text in enumerate(texts):  # one by one (its own path) agrees with the batch
+        assert np.array_equal(dedup.signature(text, num_perm=64, shingle_size=5), signed[k])
+
+
+def test_the_worker_pool_reads_only_a_window_of_chunks_ahead(tmp_path: Path, monkeypatch) -> None:
+    """The parent hands chunks to the workers as it reads them: never more than the window (2 per process) is
+    read ahead of what came back, so the parent never holds the input."""
+    from impruver.data import pipeline
+    from impruver.plan import DatasetSpec, DedupSpec, SourceSpec
+    from test_train_support import make_tokenizer, tiny_plan
+
+    make_tokenizer(tmp_path / "out" / "tok")
+    chats = [{"messages": [{"role": "user", "content": f"question {i} one two three"},
+                           {"role": "assistant", "content": f"answer {i} four five six"}]} for i in range(120)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    monkeypatch.setattr(pipeline, "CHUNK", 4)  # 30 chunks
+    read, ahead = [0], []
+    tasks = pipeline._tasks
+
+    def counted(*args):
+        for task in tasks(*args):
+            read[0] += 1
+            yield task
+
+    add = pipeline._Collector.add
+
+    def collected(self, shard, result):
+        ahead.append(read[0] - len(ahead))  # chunks read but not yet back
+        return add(self, shard, result)
+
+    monkeypatch.setattr(pipeline, "_tasks", counted)
+    monkeypatch.setattr(pipeline._Collector, "add", collected)
+    plan = tiny_plan(tmp_path / "out")
+    dataset = DatasetSpec(sources={"c": SourceSpec(path=str(tmp_path / "c.jsonl"), format="openai")},
+                          val_size=2, num_proc=2, dedup=DedupSpec(near=False), max_tokens=128)
+    result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
+    assert result.report["train"]["samples"] == 118 and len(ahead) == 30
+    assert max(ahead) <= 2 * 2, ahead
