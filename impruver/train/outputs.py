@@ -214,7 +214,7 @@ def write_card(plan: Plan, summary: dict[str, Any], *, folder: str | Path | None
         base_model=base_id, datasets=datasets or None, language=list(plan.model.language) or None,
         license=plan.model.license, library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation", tags=["impruver", plan.method.builder, "text-generation"],
-        model_name=folder.name if folder != Path(plan.output_dir) else Path(plan.output_dir).name)
+        model_name=folder.name)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(plan, summary, folder, adapter, derived_from)}")
     target = folder / RunLayout.of(folder).card.name
     atomic_write_text(target, str(card))
