@@ -24,8 +24,9 @@ ETAG_TIMEOUT_S = 10.0  # per-file metadata request, once the Hub has answered th
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="impruver download", description=__doc__.split("\n\n")[0],
-                                exit_on_error=False)
+    p = argparse.ArgumentParser(prog="impruver download", exit_on_error=False,
+                                description="Fetch a Hugging Face Hub repository (a model or a dataset) and print "
+                                            "the override that points a plan at it.")
     p.add_argument("repo", help="Hub repository id, e.g. ai-forever/rugpt3small_based_on_gpt2")
     p.add_argument("--repo-type", choices=REPO_TYPES, default="model")
     p.add_argument("--dest", help="folder to write the files to (default: the Hugging Face cache)")

@@ -22,6 +22,7 @@ from impruver.plan import make_plan
 
 CHATS = [("What is two plus two?", "Four."), ("Capital of France?", "Paris."), ("Привет!", "Здравствуйте!")]
 CHAT = {"do_sample": False, "max_new_tokens": 40, "repetition_penalty": 1.0}
+TAG = re.compile(r"\{%-?\s*(end)?generation\b")  # transformers' training-only tags
 ARCH = {"family": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 128, "vocab_size": 400}
 
 
@@ -119,8 +120,7 @@ def test_saved_template_renders_with_plain_jinja_as_transformers_renders_the_tra
 
     out, _, tok = trained
     text = (out / "chat_template.jinja").read_text()
-    tag = re.compile(r"\{%-?\s*(end)?generation\b")
-    assert not tag.search(text) and tag.search(tok.chat_template)
+    assert not TAG.search(text) and TAG.search(tok.chat_template)
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Как дела?"}]
     special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
@@ -132,28 +132,46 @@ def test_saved_template_renders_with_plain_jinja_as_transformers_renders_the_tra
     assert "{%- generation %}" in (out / "tok" / "chat_template.jinja").read_text()
 
 
-@pytest.mark.parametrize("template", [SAIGA, CHATML, ZEPHYR], ids=["saiga", "chatml", "zephyr"])
+# Indented blocks, blank lines after block tags and a comment: what trim_blocks / lstrip_blocks act on.
+LAYOUT = """{# a comment line #}
+{% for message in messages %}
+
+    {% if message['role'] == 'user' %}
+  [U] {{ message['content'] }}
+    {% else %}
+{% generation %}  [A] {{ message['content'] }}{{ eos_token }}
+{% endgeneration %}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}  [A]{% endif %}"""
+
+
+@pytest.mark.parametrize("template", [SAIGA, CHATML, ZEPHYR, LAYOUT], ids=["saiga", "chatml", "zephyr", "layout"])
 def test_portable_template_renders_alike_in_both_environments(tmp_path: Path, template: str) -> None:
-    """zephyr relies on transformers' trim_blocks / lstrip_blocks: its portable form does not."""
+    """The rewrite renders in plain Jinja2 what transformers renders from the original, and transformers renders
+    it the same too (zephyr and the layout above rely on trim_blocks / lstrip_blocks; the rewrite does not)."""
     import jinja2
 
     from impruver.train.outputs import portable_template
 
     tok = make_tokenizer(tmp_path / "tok")
-    tok.chat_template = template
     portable = portable_template(template)
+    assert not TAG.search(portable)
     conversations = [[{"role": "user", "content": "u1"}],
                      [{"role": "system", "content": "s"}, {"role": "user", "content": "u1\n"},
                       {"role": "assistant", "content": " a1 "}, {"role": "user", "content": "u2"}]]
+    differs = False
     for messages in conversations:
         for prompt in (False, True):
+            tok.chat_template = template
             expected = tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
-            plain = jinja2.Environment().from_string(portable).render(
-                messages=messages, add_generation_prompt=prompt, bos_token="<s>", eos_token="</s>")
-            assert plain == expected
-            if template is ZEPHYR:  # the original renders otherwise there: the rewrite is what makes them agree
-                assert jinja2.Environment().from_string(template).render(
-                    messages=messages, add_generation_prompt=prompt, bos_token="<s>", eos_token="</s>") != expected
+            tok.chat_template = portable
+            assert tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False) == expected
+            variables = {"messages": messages, "add_generation_prompt": prompt, "bos_token": "<s>", "eos_token": "</s>"}
+            assert jinja2.Environment().from_string(portable).render(**variables) == expected
+            if not TAG.search(template):  # the original in plain Jinja2 (which refuses the generation tag)
+                differs |= jinja2.Environment().from_string(template).render(**variables) != expected
+    assert differs == (template is ZEPHYR)  # where the settings matter, the rewrite is what makes them agree
 
 
 def test_config_has_the_cache_on_and_gpt2_its_n_ctx(trained) -> None:

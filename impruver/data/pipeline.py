@@ -363,14 +363,14 @@ def _trained_turns(src: Any, name: str) -> dict[str, Any]:
 
 def _prepare_tokenizer(plan: Any, folder: Path) -> Any:
     """Build the plan's tokenizer (a BPE is trained on the sources' text) and save it for the workers."""
-    from impruver.data.tokenizers import build_tokenizer
+    from impruver.data.tokenizers import build_tokenizer, save_tokenizer
 
     from impruver.components import tokenizer_needs_texts
 
     texts = _training_texts(plan) if tokenizer_needs_texts(plan.tokenizer.builder) else None
     tokenizer = build_tokenizer(plan.tokenizer, texts=texts)
     check_special_tokens(plan, tokenizer)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)  # under a class every transformers since 4.57 loads (other tools read it)
     return tokenizer
 
 

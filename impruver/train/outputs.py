@@ -123,13 +123,16 @@ def portable_template(source: str) -> str:
     transformers renders templates with ``trim_blocks`` and ``lstrip_blocks`` on; a plain ``jinja2.Environment()``
     (and minijinja's default) has them off. The template is lexed as transformers lexes it and written back
     from the lexer's tokens, whose text already has that whitespace removed; comments and the
-    ``{% generation %}`` / ``{% endgeneration %}`` tags are left out. The result renders the same text in both.
+    ``{% generation %}`` / ``{% endgeneration %}`` tags are left out. A newline that follows a block tag is
+    written as an expression (``{{ '\\n' }}``), which ``trim_blocks`` leaves alone: the result renders the same
+    text with and without those settings, so transformers renders it as it rendered the original.
     """
     import jinja2
 
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     out: list[str] = []
     tag: list[tuple[str, str]] = []  # the tokens of the block tag being read
+    after_block = False  # the last token written closes a block tag: trim_blocks would eat a newline after it
     for _, kind, value in env.lexer.tokeniter(source, None):
         if kind in ("comment_begin", "comment", "comment_end"):
             continue
@@ -139,9 +142,13 @@ def portable_template(source: str) -> str:
                 names = [v for k, v in tag if k == "name"]
                 if not (names and names[0] in TRAINING_ONLY_TAGS):
                     out.append("".join(v.rstrip() if k == "block_end" else v for k, v in tag))
+                    after_block = True
                 tag = []
             continue
+        if kind == "data" and after_block and value.startswith("\n"):
+            value = "{{ '\\n' }}" + value[1:]
         out.append(value.rstrip() if kind == "variable_end" else value)
+        after_block = False
     return "".join(out)
 
 
@@ -207,7 +214,7 @@ def write_card(plan: Plan, summary: dict[str, Any], *, folder: str | Path | None
         base_model=base_id, datasets=datasets or None, language=list(plan.model.language) or None,
         license=plan.model.license, library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation", tags=["impruver", plan.method.builder, "text-generation"],
-        model_name=folder.name if folder != Path(plan.output_dir) else Path(plan.output_dir).name)
+        model_name=folder.name)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{_card_body(plan, summary, folder, adapter, derived_from)}")
     target = folder / RunLayout.of(folder).card.name
     atomic_write_text(target, str(card))
