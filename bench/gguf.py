@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path, and this file is named like llama.cpp's `gguf`
+# package: drop the folder so that `import gguf` finds the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 LARGE = {"n_layer": 24, "n_embd": 1536, "n_head": 16, "n_positions": 2048}  # conf/model/rugpt3large.yaml
 DEMO = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256}  # conf/model/demo.yaml over tiny.yaml
 
@@ -83,10 +86,11 @@ def _step(step: str, folder: Path, out: Path, shared: Path, shape: str) -> dict[
 
 
 def _in_child(step: str, folder: Path, out: Path, shared: Path, shape: str) -> dict[str, float]:
-    line = subprocess.run([sys.executable, __file__, "--step", step, "--folder", str(folder), "--out", str(out),
-                           "--shared", str(shared), "--shape", shape], check=True, text=True,
-                          capture_output=True).stdout.strip().splitlines()[-1]
-    return json.loads(line)
+    done = subprocess.run([sys.executable, __file__, "--step", step, "--folder", str(folder), "--out", str(out),
+                           "--shared", str(shared), "--shape", shape], text=True, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"step {step} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _bench(name: str, folder: Path, work: Path, shared: Path, shape: str, *, build: bool) -> dict[str, object]:

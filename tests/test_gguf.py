@@ -52,8 +52,20 @@ PROMPT = "Привет! The quick brown fox"
 STEPS = 6
 
 
+_TOKENIZERS: dict[str, Any] = {}
+
+
 def _tokenizer(kind: str, folder: Path, data: Path) -> Any:
-    """A real tokenizer of ``kind`` saved in ``folder`` (the shared data README's recipes)."""
+    """A real tokenizer of ``kind`` (the shared data README's recipes); built once per kind (Qwen's takes
+    seconds), a copy per family."""
+    import copy
+
+    if kind not in _TOKENIZERS:
+        _TOKENIZERS[kind] = _load_tokenizer(kind, folder, data)
+    return copy.deepcopy(_TOKENIZERS[kind])
+
+
+def _load_tokenizer(kind: str, folder: Path, data: Path) -> Any:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True)
@@ -121,8 +133,14 @@ def exported(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dic
     return {family: _build(family, root / family, shared_data) for family in CASES}
 
 
+_LOADED: dict[Path, Any] = {}
+
+
 def _llama(path: Path) -> Any:
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    """llama.cpp's model of ``path``, loaded once per file (loading a 151k-token vocabulary takes a second)."""
+    if path not in _LOADED:
+        _LOADED[path] = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=2, verbose=False)
+    return _LOADED[path]
 
 
 def _hf_logits(model: Any, ids: list[int]) -> np.ndarray:
@@ -218,7 +236,7 @@ def _down_proj(model: Any) -> np.ndarray:
 @pytest.mark.parametrize("family", list(CASES))
 def test_llama_cpp_tokenizes_like_transformers(exported: dict[str, Any], family: str) -> None:
     case = exported[family]
-    llm = llama_cpp.Llama(model_path=str(case["files"]["q8_0"]), vocab_only=True, verbose=False)
+    llm = _llama(case["files"]["q8_0"])
     tok = case["tok"]
     for text in TEXTS:
         want = tok(text)["input_ids"]  # with the special tokens the tokenizer adds (BOS for Llama 2)
@@ -236,7 +254,7 @@ def test_embedded_chat_template_renders_like_apply_chat_template(exported: dict[
 
     case = exported[family]
     tok = case["tok"]
-    llm = llama_cpp.Llama(model_path=str(case["files"]["f16"]), vocab_only=True, verbose=False)
+    llm = _llama(case["files"]["f16"])
     embedded = llm.metadata["tokenizer.chat_template"]
     assert not re.search(r"\{%-?\s*(end)?generation", embedded)  # training-only tags gone, their text stays
     messages = CHAT if family != "mistral" else CHAT[1:]  # Mistral v1 has no system turn

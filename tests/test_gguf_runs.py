@@ -4,8 +4,6 @@ llama.cpp and its f16 logits are compared with transformers on the exported mode
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,8 @@ import llama_cpp  # never skipped: a missing binding fails the run
 import numpy as np
 import pytest
 from test_train_support import make_tokenizer, prepare, tiny_plan
+
+from impruver.plan import make_plan
 
 TEXT = "Привет, мир! hello world, how are you?"
 
@@ -130,17 +130,19 @@ def test_merge_keeps_the_base_dtype(tmp_path: Path) -> None:
         assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
 
 
-def test_the_command_line_and_the_plan_section(runs: dict[str, Any], tmp_path: Path,
-                                               cli_env: dict[str, str]) -> None:
-    """``impruver plan`` refuses an unknown type naming the valid ones; ``export.gguf`` in the plan is used when
-    --gguf is not given."""
+def test_the_plan_section_and_the_flag(runs: dict[str, Any]) -> None:
+    """``export.gguf`` is validated with the valid types named, used when --gguf is not given, and ``--gguf`` is
+    a flag of the export stage (from its keyword-only parameter)."""
     from impruver.errors import ConfigError
+    from impruver.jobs import stage_flags
     from impruver.train import export
 
     plan = runs["scratch"]
-    bad = subprocess.run([sys.executable, "-m", "impruver", "plan", "export.gguf=[f16,q9_0]"], env=cli_env,
-                         cwd=tmp_path, text=True, capture_output=True, timeout=120)
-    assert bad.returncode == 2 and "did you mean 'q8_0'" in bad.stdout + bad.stderr
+    config = {**plan.to_dict(), "export": {"gguf": ["f16", "q9_0"]}}
+    config.pop("version"), config.pop("choices"), config.pop("memory")
+    with pytest.raises(ConfigError, match=r"export.gguf.*did you mean 'q8_0'.*q4_k_m"):
+        make_plan(config)
+    assert stage_flags("export")["gguf"] is True  # --gguf takes a value
     with pytest.raises(ConfigError, match="q4_k_m"):
         export.run(plan, gguf="f16,q4_km")
     configured = plan.model_copy(update={"export": plan.export.model_copy(update={"gguf": ["f16"]})})
