@@ -23,6 +23,8 @@ put every page read in the resident set: 1927 MB peak for f16):
 | model | weights on disk | step | seconds | peak RSS | file |
 |---|---|---|---|---|---|
 | both | | imports only | | 243 MB | |
+| the demo's output (`impruver train.max_steps=20`, 4 x 128, its 4k BPE; `--demo`) | 4.1 MB | f16 | 2.3 | 275 MB | 2.1 MB |
+| | | q8_0 (llama.cpp, from f16) | 0.7 | 261 MB | 1.2 MB |
 | demo shape (4 x 128, GPT-2's 50k vocabulary: 7M params, f32) | 28 MB | f16 | 3.6 | 371 MB | 16 MB |
 | | | q8_0 (llama.cpp, from f16) | 1.1 | 313 MB | 9 MB |
 | rugpt3large shape (760M, random, bf16) | 1450 MB | build (random init + save) | 327 | 1988 MB | |
