@@ -130,9 +130,11 @@ def test_merge_keeps_the_base_dtype(tmp_path: Path) -> None:
         assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
 
 
-def test_the_plan_section_and_the_flag(runs: dict[str, Any]) -> None:
-    """``export.gguf`` is validated with the valid types named, used when --gguf is not given, and ``--gguf`` is
-    a flag of the export stage (from its keyword-only parameter)."""
+def test_the_plan_section_and_the_flag(runs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export.gguf`` is validated with the valid types named and used when --gguf is not given (by
+    ``impruver export`` and at the end of the main job); ``--gguf`` is a flag of the export stage (from its
+    keyword-only parameter)."""
+    from impruver import jobs
     from impruver.errors import ConfigError
     from impruver.jobs import stage_flags
     from impruver.train import export
@@ -146,5 +148,20 @@ def test_the_plan_section_and_the_flag(runs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="q4_k_m"):
         export.run(plan, gguf="f16,q4_km")
     configured = plan.model_copy(update={"export": plan.export.model_copy(update={"gguf": ["f16"]})})
-    result = export.run(configured)
-    assert [Path(p).name for p in result["gguf"]] == [f"{Path(plan.output_dir).resolve().name}-f16.gguf"]
+    name = Path(plan.output_dir).resolve().name
+    assert [Path(p).name for p in export.run(configured)["gguf"]] == [f"{name}-f16.gguf"]
+    monkeypatch.setattr(jobs, "train_job", lambda plan, force=False: {"final_loss": 1.0})  # trained already
+    (Path(plan.output_dir) / "gguf" / f"{name}-f16.gguf").unlink()
+    result = jobs.main_job(configured)
+    assert result["final_loss"] == 1.0 and Path(result["gguf"][0]).is_file()
+
+
+def test_a_family_without_gguf_traits_is_refused_naming_those_that_have_them(tmp_path: Path) -> None:
+    import json
+
+    from impruver.errors import RunError
+    from impruver.gguf.write import source_of
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(RunError, match=r"'bert' has no GGUF traits.*gpt2, llama, mistral, qwen2, qwen3"):
+        source_of(tmp_path)
