@@ -14,6 +14,29 @@ Printed as JSON: per model, ``weights_mb`` (safetensors on disk) and per step ``
 ``file_mb``. The issue's bound: quantizing needs at most the bf16 weights plus one layer of host memory; the
 writer's peak above ``imports`` is about the largest tensor (GPT-2's 50,257 x 1536 embedding: 147 MB in f16
 plus its f32 or bf16 source).
+
+Measured 2026-12-02 on the shared 2-core machine (load 12-14 from other jobs, so seconds are pessimistic), with
+``HF_HUB_OFFLINE=1 python bench/gguf.py --shared /work/shared/data`` (the 760M f16 / bf16 / q8_0 rows re-run
+with ``--step`` after safetensors files were opened per tensor; before that, one memory map for the whole file
+put every page read in the resident set: 1927 MB peak for f16):
+
+| model | weights on disk | step | seconds | peak RSS | file |
+|---|---|---|---|---|---|
+| both | | imports only | | 243 MB | |
+| the demo's output (`impruver train.max_steps=20`, 4 x 128, its 4k BPE; `--demo`) | 4.1 MB | f16 | 2.3 | 275 MB | 2.1 MB |
+| | | q8_0 (llama.cpp, from f16) | 0.7 | 261 MB | 1.2 MB |
+| demo shape (4 x 128, GPT-2's 50k vocabulary: 7M params, f32) | 28 MB | f16 | 3.6 | 371 MB | 16 MB |
+| | | q8_0 (llama.cpp, from f16) | 1.1 | 313 MB | 9 MB |
+| rugpt3large shape (760M, random, bf16) | 1450 MB | build (random init + save) | 327 | 1988 MB | |
+| | | f16 | 18.8 | 666 MB | 1453 MB |
+| | | bf16 | 12.1 | 491 MB | 1453 MB |
+| | | q8_0 (llama.cpp, from bf16) | 12.4 | 789 MB | 776 MB |
+
+Writing adds 250-420 MB to the imports for the 760M model: its largest tensor (the 50,257 x 1536 embedding, 147 MB
+in bf16) converted to f16, plus the vocabulary; about a third of its bf16 weights, and independent of the number
+of layers. llama.cpp's quantizer stays below the bf16 weights (789 MB vs 1450 MB: its memory map of the source
+counts as resident while it reads). For a 13B model the same shape of figures means about one embedding (0.5 GB
+in bf16) above the imports, far below "the bf16 weights plus one layer".
 """
 
 from __future__ import annotations
@@ -29,6 +52,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, this file's folder comes first on sys.path, and this file is named like llama.cpp's `gguf`
+# package: drop the folder so that `import gguf` finds the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 LARGE = {"n_layer": 24, "n_embd": 1536, "n_head": 16, "n_positions": 2048}  # conf/model/rugpt3large.yaml
 DEMO = {"n_layer": 4, "n_embd": 128, "n_head": 4, "n_positions": 256}  # conf/model/demo.yaml over tiny.yaml
 
@@ -83,10 +109,11 @@ def _step(step: str, folder: Path, out: Path, shared: Path, shape: str) -> dict[
 
 
 def _in_child(step: str, folder: Path, out: Path, shared: Path, shape: str) -> dict[str, float]:
-    line = subprocess.run([sys.executable, __file__, "--step", step, "--folder", str(folder), "--out", str(out),
-                           "--shared", str(shared), "--shape", shape], check=True, text=True,
-                          capture_output=True).stdout.strip().splitlines()[-1]
-    return json.loads(line)
+    done = subprocess.run([sys.executable, __file__, "--step", step, "--folder", str(folder), "--out", str(out),
+                           "--shared", str(shared), "--shape", shape], text=True, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"step {step} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _bench(name: str, folder: Path, work: Path, shared: Path, shape: str, *, build: bool) -> dict[str, object]:

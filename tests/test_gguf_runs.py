@@ -4,8 +4,6 @@ llama.cpp and its f16 logits are compared with transformers on the exported mode
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,8 @@ import llama_cpp  # never skipped: a missing binding fails the run
 import numpy as np
 import pytest
 from test_train_support import make_tokenizer, prepare, tiny_plan
+
+from impruver.plan import make_plan
 
 TEXT = "Привет, мир! hello world, how are you?"
 
@@ -130,19 +130,38 @@ def test_merge_keeps_the_base_dtype(tmp_path: Path) -> None:
         assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
 
 
-def test_the_command_line_and_the_plan_section(runs: dict[str, Any], tmp_path: Path,
-                                               cli_env: dict[str, str]) -> None:
-    """``impruver plan`` refuses an unknown type naming the valid ones; ``export.gguf`` in the plan is used when
-    --gguf is not given."""
+def test_the_plan_section_and_the_flag(runs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``export.gguf`` is validated with the valid types named and used when --gguf is not given (by
+    ``impruver export`` and at the end of the main job); ``--gguf`` is a flag of the export stage (from its
+    keyword-only parameter)."""
+    from impruver import jobs
     from impruver.errors import ConfigError
+    from impruver.jobs import stage_flags
     from impruver.train import export
 
     plan = runs["scratch"]
-    bad = subprocess.run([sys.executable, "-m", "impruver", "plan", "export.gguf=[f16,q9_0]"], env=cli_env,
-                         cwd=tmp_path, text=True, capture_output=True, timeout=120)
-    assert bad.returncode == 2 and "did you mean 'q8_0'" in bad.stdout + bad.stderr
+    config = {**plan.to_dict(), "export": {"gguf": ["f16", "q9_0"]}}
+    config.pop("version"), config.pop("choices"), config.pop("memory")
+    with pytest.raises(ConfigError, match=r"export.gguf.*did you mean 'q8_0'.*q4_k_m"):
+        make_plan(config)
+    assert stage_flags("export")["gguf"] is True  # --gguf takes a value
     with pytest.raises(ConfigError, match="q4_k_m"):
         export.run(plan, gguf="f16,q4_km")
     configured = plan.model_copy(update={"export": plan.export.model_copy(update={"gguf": ["f16"]})})
-    result = export.run(configured)
-    assert [Path(p).name for p in result["gguf"]] == [f"{Path(plan.output_dir).resolve().name}-f16.gguf"]
+    name = Path(plan.output_dir).resolve().name
+    assert [Path(p).name for p in export.run(configured)["gguf"]] == [f"{name}-f16.gguf"]
+    monkeypatch.setattr(jobs, "train_job", lambda plan, force=False: {"final_loss": 1.0})  # trained already
+    (Path(plan.output_dir) / "gguf" / f"{name}-f16.gguf").unlink()
+    result = jobs.main_job(configured)
+    assert result["final_loss"] == 1.0 and Path(result["gguf"][0]).is_file()
+
+
+def test_a_family_without_gguf_traits_is_refused_naming_those_that_have_them(tmp_path: Path) -> None:
+    import json
+
+    from impruver.errors import RunError
+    from impruver.gguf.write import source_of
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(RunError, match=r"'bert' has no GGUF traits.*gpt2, llama, mistral, qwen2, qwen3"):
+        source_of(tmp_path)

@@ -25,9 +25,11 @@ log = logging.getLogger("impruver")
 REPLY = "IMPRUVER-REPLY-7f3a"  # a reply no template alters, to find what ends an assistant turn
 
 
-def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str,
-                chat: ChatSpec | None = None) -> list[dict[str, Any]]:
+def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str, chat: ChatSpec | None = None,
+                tokenizer: Any = None) -> list[dict[str, Any]]:
     """Write ``folder``'s model as GGUF files of ``kinds`` into ``dest``, with a Modelfile each.
+
+    ``tokenizer``: the folder's tokenizer when the caller has it loaded already (else it is loaded from there).
 
     Returns:
         One record per type: ``{"type", "path", "modelfile", "seconds", "bytes"}``.
@@ -46,7 +48,7 @@ def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str,
         from impruver.gguf.quantize import llama_cpp_module
 
         llama_cpp_module()  # fail before writing anything when the quantizer is missing
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     template = without_generation_tags(template) if template else None
     stops = end_of_turn(tokenizer, template)

@@ -14,7 +14,7 @@ by tokenizing with the transformers tokenizer itself, not read from configuratio
 
 from __future__ import annotations
 
-import json
+import orjson
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ def read_vocab(folder: Path, tokenizer: Any, *, n_vocab: int, pre_tokenizer: str
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise RunError(f"{folder}: no tokenizer.json; save the tokenizer with a transformers fast tokenizer first")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = orjson.loads(path.read_bytes())  # Qwen's is 11 MB: orjson parses it several times faster than json
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise RunError(f"{path}: a {model.get('type')} vocabulary; GGUF export writes BPE vocabularies "

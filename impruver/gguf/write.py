@@ -167,18 +167,20 @@ def _tensors(source: Source, names: dict[str, str], *, meta: bool) -> Iterator[t
 
     for file in source.files:
         with safe_open(file, framework="pt") as f:
-            for hf_name in f.keys():
-                if hf_name not in names:
-                    continue
+            keys = [k for k in f.keys() if k in names]
+        for hf_name in keys:
+            # Opened per tensor: safetensors memory-maps the file, and every page read stays in this process's
+            # resident set until the map closes (the whole model by the end, with one map).
+            with safe_open(file, framework="pt") as f:
                 if meta:
                     piece = f.get_slice(hf_name)
                     dtype = torch.bfloat16 if piece.get_dtype() == "BF16" else torch.float32
                     tensor = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
                 else:
                     tensor = f.get_tensor(hf_name)
-                out = source.family.gguf_tensor(hf_name, tensor, source.config)
-                if out is not None:
-                    yield names[hf_name], out
+            out = source.family.gguf_tensor(hf_name, tensor, source.config)
+            if out is not None:
+                yield names[hf_name], out
 
 
 def _out_layout(tensor: Any, ftype: str) -> tuple[tuple[int, ...], Any, Any]:
