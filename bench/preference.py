@@ -45,11 +45,11 @@ PAIRS = ROOT / "impruver" / "assets" / "demo" / "preferences.jsonl"
 TEMPLATE = ("{% for m in messages %}{{ '<s>' + ('bot' if m['role'] == 'assistant' else m['role']) + '\\n' + "
             "m['content'] + '</s>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<s>bot\\n' }}{% endif %}")
 SHAPES = {  # GPT-2 shapes: a tiny one for the CPU, ruGPT-3 Large's for a GPU
-    "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 512},
+    "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 1024},
     "760m": {"n_layer": 24, "n_embd": 1536, "n_head": 16, "n_positions": 2048},
 }
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": ["c_attn", "c_proj", "c_fc"]}
-SEQ_LEN = 512
+SEQ_LEN = 1024  # tokens per row (impruver) and max_length (TRL)
 
 
 def read_pairs(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -76,8 +76,6 @@ def prepare(work: Path, shape: str, data: Path, fmt: str, vocab: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     pairs = read_pairs(data, fmt)
-    (work / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs),
-                                      encoding="utf-8")
     texts = [m["content"] for p in pairs for k in ("prompt", "chosen", "rejected") for m in p[k]]
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -86,6 +84,12 @@ def prepare(work: Path, shape: str, data: Path, fmt: str, vocab: int) -> None:
         vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.chat_template = TEMPLATE
+    # Only pairs whose both conversations fit SEQ_LEN (with room for the template's edges): both tools then train
+    # on the same whole pairs, neither drops nor truncates any.
+    fits = [p for p in pairs if max(len(tok.apply_chat_template(p["prompt"] + p[k], tokenize=True))
+                                    for k in ("chosen", "rejected")) <= SEQ_LEN - 8]
+    (work / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in fits),
+                                      encoding="utf-8")
     config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                         pad_token_id=tok.pad_token_id, n_ctx=SHAPES[shape]["n_positions"], **SHAPES[shape])
     import torch
@@ -103,15 +107,13 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_impruver(work: Path, steps: int, batch: int, lr: float) -> dict[str, Any]:
+def impruver_plan(work: Path, steps: int, batch: int, lr: float) -> Any:
     import torch
 
-    from impruver.data.pipeline import ensure_composed
-    from impruver.jobs import train_job
     from impruver.plan import make_plan
 
     gpu = torch.cuda.is_available()
-    plan = make_plan({
+    return make_plan({
         "output_dir": str(work / "impruver"), "seed": 0,
         "model": {"builder": "hf", "path": str(work / "model"), "dtype": "bfloat16" if gpu else "float32"},
         "tokenizer": {"builder": "hf", "path": str(work / "model")},
@@ -125,8 +127,12 @@ def run_impruver(work: Path, steps: int, batch: int, lr: float) -> dict[str, Any
                   "eval_steps": None, "save_steps": None, "max_seq_len": SEQ_LEN, "packing": True, "seed": 0,
                   "compile": False, "memory_check": False},
     })
-    ensure_composed(plan)  # not timed: TRL tokenizes in its constructor, also not timed
-    summary = train_job(plan)
+
+
+def run_impruver(work: Path, steps: int, batch: int, lr: float) -> dict[str, Any]:
+    from impruver.jobs import train_job
+
+    summary = train_job(impruver_plan(work, steps, batch, lr))  # the data was composed by the parent process
     records = [json.loads(line) for line in (work / "impruver" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r.get("event") == "train"][-1]
     return {"tokens_per_s": summary["tokens"] / summary["elapsed_s"], "tokens": summary["tokens"],
@@ -192,10 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="impruver-bench-pref-") as tmp:
         work = Path(tmp)
         prepare(work, args.shape, args.data, args.format, args.vocab)
+        from impruver.data.pipeline import ensure_composed
+
+        # Composed here, not timed and not in the child's memory (TRL tokenizes in its constructor, not timed).
+        pairs = ensure_composed(impruver_plan(work, args.steps, args.batch, args.lr)).report["train"]["samples"]
         results = {tool: child(tool, work, args.steps, args.batch, args.lr) for tool in ("impruver", "trl")}
     import torch
 
-    report = {"data": str(args.data), "vocab": args.vocab, "shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu", "steps": args.steps,
+    report = {"data": str(args.data), "pairs": pairs, "vocab": args.vocab, "shape": args.shape, "device": "cuda" if torch.cuda.is_available() else "cpu", "steps": args.steps,
               "pairs_per_step": args.batch, **{k: {m: round(v, 3) if isinstance(v, float) else v for m, v in r.items()}
                                                for k, r in results.items()},
               "ratio": round(results["impruver"]["tokens_per_s"] / results["trl"]["tokens_per_s"], 2),
