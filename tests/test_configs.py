@@ -16,6 +16,7 @@ CATALOGUE = [
     "rugpt3large/760M_full_saiga2", "rugpt3large/760M_lora_saiga2", "rugpt3large/760M_full_fc",
     "rugpt3large/760M_lora_fc", "rugpt3medium/457M_full_saiga2", "rugpt3medium/457M_full_fc",
     "rugpt3small/125M_full_saiga2", "rugpt3small/125M_full_fc", "zephyr/7B_lora_python-ru",
+    "rugpt3large/760M_lora_saiga2_dpo", "rugpt3large/760M_lora_saiga2_orpo",
 ]
 
 
@@ -94,6 +95,8 @@ def test_every_group_option_plans(group: str, option: str, tmp_path: Path) -> No
         overrides.append("hardware.main_process_ip=10.1.2.3")
     if (group, option) == ("method", "qlora"):
         overrides.append("hardware=gpu24gb")
+    if group == "dataset" and "preference" in option:  # pairs: planned with a preference objective
+        overrides.append("objective=dpo")
     plan = plan_of(*overrides)
     assert plan.choices[group] == option
 

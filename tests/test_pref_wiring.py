@@ -264,3 +264,16 @@ def test_resume_after_a_kill_ends_with_the_same_weights(learnable: dict[str, Any
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     first = json.loads((full / "run.json").read_text(encoding="utf-8"))
     assert summary["heldout_accuracy_start"] == first["heldout_accuracy_start"]  # read back after the resume
+
+
+def test_every_objective_option_plans_with_a_preference_dataset() -> None:
+    from impruver.compose import compose, list_options
+
+    options = list_options("objective")
+    assert set(options) >= {"sft", "dpo", "ipo", "orpo", "simpo", "kto"}
+    for option in options:
+        if option == "sft":
+            continue
+        composed = compose([f"objective={option}", "dataset=demo_preference"])
+        plan = make_plan(composed.config, choices=composed.choices)
+        assert plan.objective.name == option and plan.output_dir.endswith(f"-{option}")

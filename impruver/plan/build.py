@@ -140,9 +140,12 @@ def _without_missing(config: Any) -> Any:
 def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:
     """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options; a preference objective
     adds its name (outputs/demo-dpo), so a preference run never writes over the SFT run it starts from."""
+    from impruver.objectives import objective_class, objective_names
+
     objective = choices.get("objective")
+    preference = objective in objective_names() and objective_class(objective).preference
     named = bool(preset and objective and preset.endswith(f"_{objective}"))  # rugpt3large/760M_lora_saiga2_dpo
-    suffix = f"-{objective}" if objective and objective != "sft" and not named else ""
+    suffix = f"-{objective}" if preference and not named else ""
     if preset:
         return os.path.join("outputs", preset + suffix)
     parts = [choices.get(g) for g in ("model", "method", "dataset")]
