@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint, closest
 from impruver.commands import LATER_STAGES, Invocation, set_current
+from impruver.errors import ConfigError, ImpruverError, Problem, choices_hint, closest
 from impruver.jobs import STAGES  # light: the stage functions are imported only when they run
 from impruver.ui import console, print_error, print_warning, setup_logging
 

@@ -71,7 +71,11 @@ def command(stage: str, *extra: str, invocation: Invocation | None = None, outpu
         inv = Invocation(output_dir=output_dir)
     elif output_dir and not inv.output_dir:
         inv = Invocation(inv.config_file, inv.overrides, inv.pinned, output_dir)
-    words = ["impruver", *([stage] if stage != "main" else []), *inv.args(stage), *extra]
+    given = {word.partition("=")[0].lstrip("+~") for word in extra if "=" in word}
+    if "output_dir" in given:  # the extra names another folder (a checkpoint): no second output_dir
+        inv = Invocation(inv.config_file, inv.overrides, pinned=True)
+    args = [a for a in inv.args(stage) if a.partition("=")[0].lstrip("+~") not in given]  # an extra key wins
+    words = ["impruver", *([stage] if stage != "main" else []), *args, *extra]
     return " ".join(shlex.quote(w) for w in words)
 
 

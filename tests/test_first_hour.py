@@ -4,6 +4,8 @@ changes (two CPU processes train it to the same loss as one), `impruver chat` fi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -51,8 +53,20 @@ def next_commands(output: str) -> dict[str, list[str]]:
     return found
 
 
+def in_process(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """``impruver ARGS`` in this process (for commands that only plan: no second torch import)."""
+    from impruver import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
 def planned(args: list[str], cwd: Path) -> dict:
-    return yaml.safe_load(impruver("plan", "--yaml", *args, cwd=cwd).stdout)
+    code, out, err = in_process("plan", "--yaml", *args, cwd=cwd)
+    assert code == 0, err
+    return yaml.safe_load(out)
 
 
 def train_losses(output_dir: Path) -> list[float]:
@@ -101,9 +115,10 @@ def test_the_next_commands_a_run_ends_with_work_as_printed(demo_runs: dict) -> N
     steps = next_commands(demo_runs["ddp"].stdout)
     assert set(steps) == {"chat", "serve"}  # a full model: nothing to export (merge)
     assert "output_dir=outputs/demo" in steps["chat"]  # names the run, whatever trains later
-    done = impruver("chat", *steps["chat"], "--prompt", "What is 2 + 3?", "chat.max_new_tokens=4", cwd=cwd)
-    assert "using" not in done.stdout  # the printed command names its folder itself
-    assert planned(steps["serve"], cwd)["output_dir"] == "outputs/demo"
+    for stage in ("chat", "serve"):  # they plan to that folder (chat itself talks to it in the test above)
+        assert planned(steps[stage], cwd)["output_dir"] == "outputs/demo"
+    code, out, _ = in_process("chat", *steps["chat"], "--cfg", "job", cwd=cwd)  # the stage takes the arguments
+    assert code == 0 and yaml.safe_load(out)["output_dir"] == "outputs/demo"
 
 
 def test_data_path_trains_on_that_file_alone(tmp_path: Path, shared_data: Path) -> None:
@@ -130,8 +145,8 @@ def test_data_path_trains_on_that_file_alone(tmp_path: Path, shared_data: Path) 
 def test_train_first_suggestion_names_the_same_recipe(tmp_path: Path) -> None:
     """`impruver run chat ./my.yaml` on a preset not trained yet suggests a train command for that file, not the
     demo's model in the 13B preset's folder."""
-    impruver("cp", "ruGPT-3.5/13B_lora_saiga2", "my.yaml", cwd=tmp_path)
-    done = impruver("run", "chat", "./my.yaml", cwd=tmp_path, ok=False)
+    assert in_process("cp", "ruGPT-3.5/13B_lora_saiga2", "my.yaml", cwd=tmp_path)[0] == 0
+    done = impruver("run", "chat", "./my.yaml", cwd=tmp_path, ok=False)  # the real command line, end to end
     assert done.returncode == 2 and "Traceback" not in done.stderr
     folder = re.search(r"error: (\S+) does not exist", done.stderr)[1]
     suggested = as_printed(re.search(r"Train one first: `([^`]+)`", " ".join(done.stderr.split()))[1])
@@ -177,17 +192,17 @@ def test_a_killed_run_is_told_apart_from_a_running_one(tmp_path: Path) -> None:
      "\"dataset.sources.x.path='/tmp/мои данные.jsonl'\""),
 ])
 def test_mistakes_get_the_fix(tmp_path: Path, args: list[str], expected: str) -> None:
-    done = impruver(*args, cwd=tmp_path, ok=False)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    message = " ".join(done.stderr.split())
+    code, _, err = in_process(*args, cwd=tmp_path)
+    assert code == 2 and "Traceback" not in err
+    message = " ".join(err.split())
     assert expected in message and "+metod" not in message and "--prompt" not in message
 
 
 def test_a_config_file_takes_the_fix_impruver_suggests(tmp_path: Path) -> None:
     """qlora without a GPU says "use method=lora"; a copied preset file then takes exactly that."""
-    impruver("cp", "ruGPT-3.5/13B_lora_saiga2", "my.yaml", cwd=tmp_path)
-    refused = impruver("plan", "--config", "my.yaml", "hardware=cpu", cwd=tmp_path, ok=False)
-    assert "use method=lora" in refused.stderr
+    assert in_process("cp", "ruGPT-3.5/13B_lora_saiga2", "my.yaml", cwd=tmp_path)[0] == 0
+    code, _, err = in_process("plan", "--config", "my.yaml", "hardware=cpu", cwd=tmp_path)
+    assert code == 2 and "use method=lora" in err
     plan = planned(["--config", "my.yaml", "hardware=cpu", "method=lora"], tmp_path)
     assert plan["method"]["builder"] == "lora" and "quantization" not in plan["method"]
     assert plan["hardware"]["name"] == "cpu" and plan["model"]["path"] == "ai-forever/ruGPT-3.5-13B"

@@ -49,7 +49,7 @@ def impruver_commands(text: str) -> list[list[str]]:
     return found
 
 
-def check(argv: list[str], cwd: Path) -> None:
+def check(argv: list[str]) -> None:
     """Run ``impruver ARGV`` up to (not including) the work itself: flags parsed, every job planned."""
     command = argv[0] if argv and argv[0] in cli.COMMANDS else None
     rest = argv[1:] if command else argv
@@ -92,7 +92,7 @@ def test_every_readme_command_plans(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     failures = []
     for argv in impruver_commands(READMES["en"].read_text(encoding="utf-8")):
         try:
-            check(argv, tmp_path)
+            check(argv)
         except (ConfigError, AssertionError) as exc:
             failures.append(f"impruver {shlex.join(argv)}: {exc}")
     assert not failures, "\n".join(failures)
