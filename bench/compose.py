@@ -338,7 +338,8 @@ def measured(args: list[str]) -> dict:
     return {**result, "peak_pss_mb": round(peak_pss / 1024), "peak_rss_summed_mb": round(peak_rss / 1024)}
 
 
-def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: int) -> dict:
+def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: int,
+                   hows: tuple[str, ...] = ("impruver", "json_load", "datasets")) -> dict:
     """Peak summed PSS and records/s of whole composes, impruver next to the bare readers ("before")."""
     from transformers import PreTrainedTokenizerFast
 
@@ -367,7 +368,7 @@ def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: i
             row = {"input_mb": round(path.stat().st_size / 1e6, 1)}
             if case.startswith("array"):
                 row["records_in_file"] = records
-            for how in ("impruver", "json_load", "datasets"):
+            for how in hows:
                 row[how] = measured([how, str(path), fmt, str(work / "gpt2"), str(work / f"{case}-{how}"),
                                      str(limit)])
                 shutil.rmtree(work / f"{case}-{how}", ignore_errors=True)
@@ -393,11 +394,13 @@ def main() -> None:
                              "array_limit_1000, documents, mix, or all): peak PSS summed over all processes and "
                              "records/s, impruver next to json.load + tokenizer and datasets.load_dataset + map")
     parser.add_argument("--array-mb", type=int, default=200, help="size of the JSON array of --memory array")
+    parser.add_argument("--hows", default="impruver,json_load,datasets", help="which readers --memory measures")
     args = parser.parse_args()
     if args.memory:
         cases = ["array", "array_limit_1000", "documents", "mix"] if args.memory == "all" else \
             args.memory.split(",")
-        print(json.dumps(memory_figures(Path(args.shared), args.array_mb, cases, args.records), indent=2))
+        print(json.dumps(memory_figures(Path(args.shared), args.array_mb, cases, args.records,
+                                        tuple(args.hows.split(","))), indent=2))
         return
     if args.json_array_mb:
         work = Path(tempfile.mkdtemp(prefix="impruver-bench-"))

@@ -81,9 +81,12 @@ def test_word_hashing_in_windows_gives_the_same_shingles_and_signatures(monkeypa
         assert np.array_equal(dedup.signature(text, num_perm=64, shingle_size=5), signed[k])
 
 
-def test_the_worker_pool_reads_only_a_window_of_chunks_ahead(tmp_path: Path, monkeypatch) -> None:
-    """The parent hands chunks to the workers as it reads them: never more than the window (2 per process) is
-    read ahead of what came back, so the parent never holds the input."""
+@pytest.mark.parametrize(("in_flight_bytes", "most_ahead"), [(8 << 20, 2 * 2 + 1), (1, 1 + 1)])
+def test_the_worker_pool_reads_only_a_window_of_chunks_ahead(tmp_path: Path, monkeypatch, in_flight_bytes: int,
+                                                             most_ahead: int) -> None:
+    """The parent hands chunks to the workers as it reads them: never more than the window (2 per process, plus
+    the chunk waiting for room) is read ahead of what came back, so the parent never holds the input; with a
+    byte budget smaller than any chunk, one chunk at a time is in flight."""
     from impruver.data import pipeline
     from impruver.plan import DatasetSpec, DedupSpec, SourceSpec
     from test_train_support import make_tokenizer, tiny_plan
@@ -93,6 +96,7 @@ def test_the_worker_pool_reads_only_a_window_of_chunks_ahead(tmp_path: Path, mon
                            {"role": "assistant", "content": f"answer {i} four five six"}]} for i in range(120)]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
     monkeypatch.setattr(pipeline, "CHUNK", 4)  # 30 chunks
+    monkeypatch.setattr(pipeline, "IN_FLIGHT_BYTES", in_flight_bytes)
     read, ahead = [0], []
     tasks = pipeline._tasks
 
@@ -114,4 +118,10 @@ def test_the_worker_pool_reads_only_a_window_of_chunks_ahead(tmp_path: Path, mon
                           val_size=2, num_proc=2, dedup=DedupSpec(near=False), max_tokens=128)
     result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
     assert result.report["train"]["samples"] == 118 and len(ahead) == 30
-    assert max(ahead) <= 2 * 2, ahead
+    assert max(ahead[pipeline.POOL_MIN_CHUNKS:]) == most_ahead, ahead  # after the first chunks, read to choose
+
+
+def test_whitespace_is_normalized_as_str_split_does() -> None:
+    spaces = "".join(chr(c) for c in range(0x3000 + 1) if chr(c).isspace())
+    text = f"{spaces}A b{spaces}C\td\u00a0e\x1cf  {spaces}"
+    assert dedup.normalize(text) == " ".join(text.lower().split()) == "a b c d e f"

@@ -39,6 +39,7 @@ from impruver.ui import console, log
 DATA_VERSION = 2  # bump when the same inputs would give different outputs
 CHUNK = 512  # records per task sent to a worker, at most
 CHUNK_BYTES = 4 << 20  # and at most about this many bytes of JSON lines (a long document is a task of its own)
+IN_FLIGHT_BYTES = 8 << 20  # input handed to the workers and not yet back, at most (a worker's memory follows it)
 POOL_MIN_CHUNKS = 3  # fewer chunks are processed here: forking workers would cost more memory than it saves time
 REPORT = "compose_report.json"
 TOKENIZER_DIR = "tokenizer"
@@ -424,21 +425,36 @@ def _source_texts(plan: Any, name: str, spec: Any, source: dict[str, Any]) -> It
             yield "\n".join(m["content"] for m in conversation["messages"])
 
 
-def _tasks(plan: Any, work: Path) -> Iterator[tuple[int, str, list[tuple[str, Any]], str]]:
-    """Chunks of records, source after source, each with the shard file its samples go to."""
+Task = tuple[int, str, list[tuple[str, Any]], str]  # (index, source, records, shard file): what a worker gets
+
+
+def _tasks(plan: Any, work: Path) -> Iterator[tuple[Task, int]]:
+    """Chunks of records, source after source, each with the shard file its samples go to, and its size in bytes
+    (of JSON lines as read; records read as objects are estimated from their text)."""
     index = 0
     for name, spec in plan.sources.items():
         chunk: list[tuple[str, Any]] = []
-        size = 0  # bytes of the chunk's unparsed lines (records read as objects are not counted)
+        size = 0
         for item in iter_items(spec, name=name, seed=plan.dataset.seed):
             chunk.append(item)
-            size += len(item[1]) if isinstance(item[1], (bytes, str)) else 0
+            size += _size_of(item[1])
             if len(chunk) == CHUNK or size >= CHUNK_BYTES:
-                yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
+                yield (index, name, chunk, str(work / f"shard-{index:07d}.jsonl")), size
                 index, chunk, size = index + 1, [], 0
         if chunk:
-            yield index, name, chunk, str(work / f"shard-{index:07d}.jsonl")
+            yield (index, name, chunk, str(work / f"shard-{index:07d}.jsonl")), size
             index += 1
+
+
+def _size_of(value: Any, depth: int = 0) -> int:
+    """About the bytes of a record: a JSON line's length, or the lengths of the strings in a parsed record."""
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if depth < 4 and isinstance(value, dict):
+        return sum(_size_of(v, depth + 1) for v in value.values())
+    if depth < 4 and isinstance(value, list):
+        return sum(_size_of(v, depth + 1) for v in value)
+    return 8
 
 
 def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -449,7 +465,7 @@ def _process_sources(plan: Any, settings: dict[str, Any], work: Path) -> dict[st
     processes = plan.dataset.num_proc or _cores()
     convert.init_worker(settings)  # here first: forked workers inherit the loaded tokenizer and imports
     if processes < 2 or len(head) < POOL_MIN_CHUNKS:
-        for task in chain(head, tasks):  # one chunk in memory at a time (a list here would read every source)
+        for task, _ in chain(head, tasks):  # one chunk in memory at a time (a list would read every source)
             collected.add(task[3], convert.process_chunk(task))
     else:
         _run_pool(settings, [*head], tasks, processes, collected)
@@ -465,7 +481,9 @@ def _cores() -> int:
 
 def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], processes: int,
               collected: _Collector) -> None:
-    """A bounded window of chunks in flight, so records never pile up in memory; results in order."""
+    """Chunks handed to the workers as they are read, results collected in order. In flight at once: at most two
+    chunks per worker and IN_FLIGHT_BYTES of input (one chunk always), so the workers' memory together is
+    bounded whatever the input: short chats fill every worker, long documents go one or two at a time."""
     import multiprocessing as mp
 
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -474,14 +492,17 @@ def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], p
     gc.freeze()  # forked workers then share the parent's pages instead of copying what a collection touches
     pool = mp.get_context(method).Pool(processes, initializer=convert.init_worker, initargs=(settings,))
     try:
-        pending: deque[tuple[str, Any]] = deque()
-        for task in chain(head, tasks):  # lazily: the window below bounds the chunks read ahead
-            pending.append((task[3], pool.apply_async(convert.process_chunk, (task,))))
-            while len(pending) >= 2 * processes:
-                shard, handle = pending.popleft()
+        pending: deque[tuple[str, Any, int]] = deque()
+        in_flight = 0  # input bytes of the pending chunks
+        for task, size in chain(head, tasks):  # lazily: read no further ahead than the window
+            while pending and (len(pending) >= 2 * processes or in_flight + size > IN_FLIGHT_BYTES):
+                shard, handle, done = pending.popleft()
                 collected.add(shard, handle.get())
+                in_flight -= done
+            pending.append((task[3], pool.apply_async(convert.process_chunk, (task,)), size))
+            in_flight += size
         while pending:
-            shard, handle = pending.popleft()
+            shard, handle, _ = pending.popleft()
             collected.add(shard, handle.get())
         pool.close()
     finally:
