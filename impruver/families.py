@@ -25,7 +25,7 @@ GGUF (optional: a family without ``gguf_arch`` cannot be exported for llama.cpp;
 
     family.gguf_arch: str                              # llama.cpp's architecture name ("gpt2", "llama", ...)
     family.gguf_pre_tokenizer: str                     # tokenizer.ggml.pre of a byte-level BPE vocabulary
-    family.gguf_hparams(config_json_dict) -> dict[str, int | float]   # "{arch}.<key>" suffix -> value
+    family.gguf_hparams(config_json_dict) -> dict[str, int | float]   # "{arch}.<key>" suffix -> value (block_count...)
     family.gguf_tensor(name, tensor, config_json_dict) -> tensor | None # llama.cpp's layout; None: not a weight
 """
 

@@ -75,8 +75,10 @@ CHATML = (
 # --gguf``). Ollama renders ``.Messages`` (``.Role``: system, user, assistant, tool; ``.Content``) and the model
 # writes after the text, so each form ends with the assistant turn's header (add_generation_prompt).
 # <<bos>> and <<eos>> stand for the tokenizer's own bos_token / eos_token strings (filled in by ollama_form).
+# Ollama calls a tool's answer `tool`: saiga and chatml were trained on impruver's function_response.
 OLLAMA_SAIGA = (
-    '{{- range .Messages }}<<bos>>{{ if eq .Role "assistant" }}bot{{ else }}{{ .Role }}{{ end }}\n'
+    '{{- range .Messages }}<<bos>>{{ if eq .Role "assistant" }}bot{{ else if eq .Role "tool" }}function_response'
+    "{{ else }}{{ .Role }}{{ end }}\n"
     "{{ .Content }}<<eos>>\n"
     "{{ end }}<<bos>>bot\n"
 )
@@ -85,7 +87,7 @@ OLLAMA_ZEPHYR = (
     "<|{{ .Role }}|>\n{{ .Content }}<<eos>>\n{{ end }}{{ end }}<|assistant|>\n"
 )
 OLLAMA_CHATML = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+    '{{- range .Messages }}<|im_start|>{{ if eq .Role "tool" }}function_response{{ else }}{{ .Role }}{{ end }}\n'
     "{{ .Content }}<|im_end|>\n"
     "{{ end }}<|im_start|>assistant\n"
 )

@@ -115,6 +115,8 @@ def load_merged(source: Path, *, trust_remote_code: bool = False) -> tuple[Any, 
     from transformers import AutoTokenizer
 
     try:
+        # dtype="auto": the base loads in the dtype its config.json names (bf16 stays bf16, not fp32), and peft
+        # merges the adapter's delta into it in that dtype.
         peft_model = AutoPeftModelForCausalLM.from_pretrained(source, dtype="auto",
                                                               trust_remote_code=trust_remote_code)
     except OSError as exc:
