@@ -372,6 +372,7 @@ def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: i
                 row[how] = measured([how, str(path), fmt, str(work / "gpt2"), str(work / f"{case}-{how}"),
                                      str(limit)])
                 shutil.rmtree(work / f"{case}-{how}", ignore_errors=True)
+                print(json.dumps({case: {how: row[how]}}), file=sys.stderr, flush=True)  # progress
             result[case] = row
             print(json.dumps({case: row}), file=sys.stderr, flush=True)  # progress: each case as it ends
         result["cores"] = len(os.sched_getaffinity(0))
