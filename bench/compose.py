@@ -229,7 +229,8 @@ def _bench_plan(data: Path, fmt: str, tokenizer_dir: Path, out: Path, limit: int
     plan = make_plan(composed.config, choices=composed.choices)
     dataset = DatasetSpec(sources={"bench": SourceSpec(path=str(data), format=fmt, limit=limit)},
                           val_fraction=0.01, max_tokens=2048)
-    tokenizer = plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tokenizer_dir), "chat_template": "saiga"})
+    tokenizer = plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tokenizer_dir),
+                                                  "chat_template": "saiga"})
     model = plan.model.model_copy(update={"context_length": 2048})
     return plan.model_copy(update={"dataset": dataset, "tokenizer": tokenizer, "model": model})
 
