@@ -229,7 +229,8 @@ def _bench_plan(data: Path, fmt: str, tokenizer_dir: Path, out: Path, limit: int
     plan = make_plan(composed.config, choices=composed.choices)
     dataset = DatasetSpec(sources={"bench": SourceSpec(path=str(data), format=fmt, limit=limit)},
                           val_fraction=0.01, max_tokens=2048)
-    tokenizer = plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tokenizer_dir), "chat_template": "saiga"})
+    tokenizer = plan.tokenizer.model_copy(update={"builder": "hf", "path": str(tokenizer_dir),
+                                                  "chat_template": "saiga"})
     model = plan.model.model_copy(update={"context_length": 2048})
     return plan.model_copy(update={"dataset": dataset, "tokenizer": tokenizer, "model": model})
 
@@ -372,6 +373,7 @@ def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: i
                 row[how] = measured([how, str(path), fmt, str(work / "gpt2"), str(work / f"{case}-{how}"),
                                      str(limit)])
                 shutil.rmtree(work / f"{case}-{how}", ignore_errors=True)
+                print(json.dumps({case: {how: row[how]}}), file=sys.stderr, flush=True)  # progress
             result[case] = row
             print(json.dumps({case: row}), file=sys.stderr, flush=True)  # progress: each case as it ends
         result["cores"] = len(os.sched_getaffinity(0))

@@ -499,7 +499,7 @@ def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], p
                 shard, handle, done = pending.popleft()
                 collected.add(shard, handle.get())
                 in_flight -= done
-            pending.append((task[3], pool.apply_async(convert.process_chunk, (task,)), size))
+            pending.append((task[3], pool.apply_async(_process_in_worker, (task, size)), size))
             in_flight += size
         while pending:
             shard, handle, _ = pending.popleft()
@@ -513,6 +513,26 @@ def _run_pool(settings: dict[str, Any], head: list[Any], tasks: Iterator[Any], p
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _process_in_worker(task: Task, size: int) -> dict[str, Any]:
+    """One chunk in a worker; after a large one (long documents) the freed heap goes back to the system, so an
+    idle worker does not keep the high-water mark of its last document."""
+    result = convert.process_chunk(task)
+    if size >= CHUNK_BYTES // 4:
+        gc.collect()
+        _trim_heap()
+    return result
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim(0): return free heap pages to the system (a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _Collector:

@@ -1,4 +1,5 @@
-"""Token rows for training: read the composed token store (or a JSONL), pack samples into rows, order and collate batches.
+"""Token rows for training: read the composed token store (or a JSONL), pack samples into rows, order and collate
+batches.
 
 The data stage defined what is trainable (``labels`` = -100 elsewhere); nothing here changes that. Two things
 happen to the labels, both exact:
