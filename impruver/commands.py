@@ -105,9 +105,13 @@ class LastRun:
 
 
 def record_last_run(output_dir: str, invocation: Invocation) -> None:
-    """Remember the run that is starting (before it trains, so that a killed run is found too)."""
+    """Remember the run that is starting (before it trains, so that a killed run is found too): when it trains
+    under ``outputs/``, or an ``outputs/`` folder is already there."""
     from impruver.files import atomic_write_text
 
+    root = LAST_RUN.parent.resolve()
+    if not root.is_dir() and root not in Path(output_dir).resolve().parents:
+        return  # a run elsewhere (output_dir=/data/x) leaves no outputs/ folder in the working folder
     config_file = str(Path(invocation.config_file).resolve()) if invocation.config_file else None
     record = {"output_dir": output_dir, "overrides": list(invocation.overrides), "config_file": config_file,
               "started": time.time()}
