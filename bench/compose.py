@@ -31,6 +31,33 @@ Reading a JSON array (``--json-array-mb 100``: 656,566 short chats, 100 MB, each
 ``limit=1000``; ``json.load`` 726 MB in 6.45 s (impruver read such a file with ``json.loads`` of the whole text
 before, so its reading alone peaked like ``json.load``). This is the reading only, not a whole compose.
 
+Whole composes (``--memory all``: ``array``, ``array_limit_1000``, ``documents``, ``mix``), each run in a fresh
+process whose PSS, summed over it and its workers, is sampled every 50 ms; the "before" columns are the bare
+readers a user would write: ``json.load`` (or every line) + the fast tokenizer keeping the ids, and
+``datasets.load_dataset("json")`` + a batched ``map`` of the tokenizer. Measured 2026-12-02 on the shared 2-core
+machine at load average 13-17 (six other engineers' jobs): records/s there are a fraction of what two free cores
+give and say little; the memory is the figure. Peak PSS summed, MB (records/s):
+
+| input | impruver compose | json.load + tokenizer | datasets + map |
+|---|---|---|---|
+| three 5 MB text documents (15 MB) | 699 (357 s) | 1846 (183 s) | 2019 (164 s) |
+| 100k-record chat mix (104 MB) | 515 (129/s) | 990 (213/s) | 348 (165/s) |
+| 200 MB JSON array, 672,712 short chats | 470 (383/s) | 2743 (1168/s) | 1870 (1776/s) |
+| the same array, `limit: 1000` | 327 (16.91 s) | 997 (19.98 s) | 1869 (95.26 s) |
+
+Issue 13's targets: the 200 MB array under 600 MB: met (470); ``limit: 1000`` under 300 MB: not met (327); three
+5 MB documents under 600 MB: not met (699). The array had shorter chats than the issue's (672,712 records in
+200 MB, not 552k). The mix and the array ran before the last two memory commits (the in-flight byte budget and the
+heap trim after long documents), which do not change them; the documents' row is after them (744 MB before them).
+
+Before this session's fixes, on the same machine: the three documents peaked at 3,507 MB (one worker 2.77 GB:
+per 5 MB document ~700 MB of tokenizer encodings and ~900 MB of MinHash matrices; now tokenized in checked
+128k-character windows and hashed in 1 MB windows), and the 200 MB array's parent held 1.34 GB after 240k of its
+records (the worker pool first listed every chunk of every source). What is left: impruver's compose process
+imports transformers' ``AutoTokenizer``, which imports torch: ~190 MB of the ~310 MB the parent holds before it
+reads a record, a floor under every figure here (``json.load`` + ``PreTrainedTokenizerFast`` does not import
+torch); and a long document's ids are Python int lists in the worker (~150 MB for 2M tokens).
+
 Targets (issue 3): >= 3000 rec/s with near-dup on, >= 0.5x the bare tokenizer with near-dup off: both met, by
 wall clock and by CPU time. Worker peak memory 734-746 MB. Before the speed work (same day, 23:12 and 23:24,
 load 1.5-3.4): near-dup on 1402-2310 rec/s wall (2779-2822 from CPU time), off 1748-1752 rec/s, ratio

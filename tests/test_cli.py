@@ -181,7 +181,8 @@ def test_stage_flags_are_the_stage_functions_keyword_parameters(monkeypatch: pyt
     from impruver import jobs
 
     assert cli.command_flags("chat") == {"config": True, "plan": True, "prompt": True}
-    assert cli.command_flags("compose") == {"config": True, "plan": True, "force": False, "inspect": True}
+    assert cli.command_flags("compose") == {"config": True, "plan": True, "force": False, "inspect": True,
+                                               "export_messages": True}
 
     def export(plan: object, *, dest: str | None = None, shards: int = 1, verify: bool = False) -> None:
         """A stage that grew two options: the command line takes them with no table to edit."""
