@@ -74,14 +74,15 @@ def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     return result
 
 
-def compose_job(plan: Plan, *, force: bool = False, inspect: int | str | None = None) -> Any:
+def compose_job(plan: Plan, *, force: bool = False, inspect: int | str | None = None,
+                export_messages: str | None = None) -> Any:
     """The `impruver compose` stage (:func:`impruver.data.pipeline.run`) under the run folder's lock."""
     from impruver.data import pipeline
     from impruver.files import disk_errors
     from impruver.lock import run_lock
 
     with run_lock(plan.output_dir), disk_errors():
-        return pipeline.run(plan, force=force, inspect=inspect)
+        return pipeline.run(plan, force=force, inspect=inspect, export_messages=export_messages)
 
 
 def prepare(plan: Plan, *, force: bool = False) -> None:

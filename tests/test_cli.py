@@ -14,6 +14,7 @@ from impruver import cli
 from impruver.compose import list_options
 
 CATALOGUE_COUNT = 12
+PREFERENCE_PRESETS = 2  # rugpt3large/760M_lora_saiga2_{dpo,orpo}: DPO and ORPO on the 760M SFT output
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -69,7 +70,7 @@ def test_ls_lists_presets_and_components(capsys: pytest.CaptureFixture[str]) -> 
     code, out, _ = run_cli(capsys, "ls")
     assert code == 0
     presets = list_options("preset")
-    assert len(presets) == CATALOGUE_COUNT + 1
+    assert len(presets) == CATALOGUE_COUNT + PREFERENCE_PRESETS + 1  # + demo
     for name in presets:
         assert name in out
     for section in ("formats", "models", "tokenizers", "methods", "templates", "optimizers", "schedulers"):

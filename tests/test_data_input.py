@@ -142,7 +142,7 @@ def test_chunks_are_bounded_by_bytes_too(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(pipeline, "CHUNK_BYTES", 1000)  # each line is ~300 bytes: 4 lines reach it
     plan = SimpleNamespace(sources={"s": SimpleNamespace(path=str(path), split="train", limit=None, fraction=None,
                                                          subset=None)}, dataset=SimpleNamespace(seed=0))
-    sizes = [len(chunk) for _, _, chunk, _ in pipeline._tasks(plan, tmp_path)]
+    sizes = [len(chunk) for (_, _, chunk, _), _size in pipeline._tasks(plan, tmp_path)]
     assert sizes == [4, 4, 2]
 
 

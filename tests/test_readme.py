@@ -40,13 +40,23 @@ def shell_lines(text: str) -> list[str]:
 def impruver_commands(text: str) -> list[list[str]]:
     """Each `impruver ...` command (after any VAR=value), as argument lists without the program name."""
     found = []
-    for line in shell_lines(text):
-        words = shlex.split(line, comments=True)
+    for words in (part for line in shell_lines(text) for part in _and_chain(shlex.split(line, comments=True))):
         while words and ENV.match(words[0]):
             words = words[1:]
         if words and words[0] == "impruver":
             found.append(words[1:])
     return found
+
+
+def _and_chain(words: list[str]) -> list[list[str]]:
+    """`a && b` as the commands a and b."""
+    parts: list[list[str]] = [[]]
+    for word in words:
+        if word == "&&":
+            parts.append([])
+        else:
+            parts[-1].append(word)
+    return parts
 
 
 def check(argv: list[str]) -> None:
@@ -55,6 +65,11 @@ def check(argv: list[str]) -> None:
     rest = argv[1:] if command else argv
     if command == "ls":
         return  # tests/test_cli.py runs it (it lists every component: slow here)
+    if command == "download":  # its arguments parsed as the command parses them (the Hub is not reached here)
+        from impruver.download import parser
+
+        parser().parse_args(rest)
+        return
     if command == "cp" or "--version" in argv:
         assert cli.main(argv) == 0, argv
         return

@@ -21,6 +21,7 @@ def plan_of(overrides: list[str]):
 
 PRESETS = [p for p in list_options("preset") if p != "demo"]
 DEMO_CHATS = "pkg://impruver/assets/demo/chats.jsonl"
+DEMO_PAIRS = "pkg://impruver/assets/demo/preferences.jsonl"  # for presets whose objective trains on pairs
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +42,13 @@ def tiny_overrides(preset: str, out: Path, tok_dir: Path) -> list[str]:
     method = ["method=lora"] if config["method"]["builder"] == "qlora" else []
     if method and config["method"].get("quantization"):
         method.append("~method.quantization")
+    pairs = config.get("objective", {}).get("name", "sft") != "sft"
+    data, data_format = (DEMO_PAIRS, "trl_preference") if pairs else (DEMO_CHATS, "openai")
+    base = ["model.path=null"] if pairs else []  # the SFT output it starts from does not exist here
     return [
-        f"preset={preset}", *method, "hardware=cpu", "model.weights=random", "model.dtype=float32", *shape,
+        f"preset={preset}", *method, "hardware=cpu", "model.weights=random", "model.dtype=float32", *shape, *base,
         f"tokenizer.path={tok_dir}", *disable,
-        f"+dataset.sources.local.path={DEMO_CHATS}", "+dataset.sources.local.format=openai",
+        f"+dataset.sources.local.path={data}", f"+dataset.sources.local.format={data_format}",
         "+dataset.sources.local.limit=40", "dataset.max_tokens=96", "dataset.num_proc=1", "dataset.val_size=4",
         "train.optimizer=adamw", "train.max_steps=2", "train.batch_size=2", "train.grad_accum=1",
         "train.warmup_steps=0", f"output_dir={out}",

@@ -752,8 +752,12 @@ def _publish(paths: dict[str, Path], work: Path, report: dict[str, Any]) -> None
     for split in ("train", "val"):
         paths[split].parent.mkdir(parents=True, exist_ok=True)
         made = {work / f"{split}.jsonl": paths[split]}  # the JSONL export and the token store beside it
-        made.update({store_files(work / f"{split}.jsonl")[part]: target
-                     for part, target in store_files(paths[split]).items()})
+        for part, target in store_files(paths[split]).items():
+            source = store_files(work / f"{split}.jsonl")[part]
+            if source.exists():
+                made[source] = target
+            else:  # records without a token store (preference pairs): no stale store of an earlier compose stays
+                target.unlink(missing_ok=True)
         for source, target in made.items():
             if target.parent.resolve() == work.parent.resolve():
                 os.replace(source, target)
