@@ -9,23 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_leftovers import _cli
 from test_train_support import prepare, tiny_plan, use_files  # noqa: F401  (fixture)
 
 from impruver import cli
 from impruver.plan import load_plan
 
 
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """Run the command line in this process; its log goes to this test's captured stderr."""
-    log = logging.getLogger("impruver")
-    handlers, log.handlers = log.handlers, []
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        log.handlers = handlers
-    return code, capsys.readouterr().err
 
 
 def _plan(out: Path, **train: object):

@@ -75,7 +75,7 @@ def diff_keys(old_text: str, new_text: str) -> list[str]:
     old, new = _normalized(old_text), _normalized(new_text)
     if old is None or new is None:
         return ["(whole file)"]
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
@@ -93,11 +93,12 @@ def _normalized(text: str) -> dict[str, Any] | None:
         return data  # not a valid plan: compared as written
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf}; lists are leaves (a changed list is one change)."""
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: value}
 

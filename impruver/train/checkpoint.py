@@ -32,6 +32,7 @@ from typing import Any
 
 from impruver.errors import RunError
 from impruver.layout import CHECKPOINT_PREFIX, PLAN_FILE, RunLayout
+from impruver.plan.io import flatten
 
 log = logging.getLogger("impruver")
 STATE_FILE = "state.json"
@@ -118,10 +119,10 @@ def plan_changes(folder: Path, plan: Any, signature: dict[str, Any], saved_signa
         log.warning("%s holds no plan.yaml (an older impruver): only the data-order settings are compared", folder)
         return signature_changes(saved_signature, signature)
     try:
-        old = _flatten(yaml.safe_load(saved_plan.read_text(encoding="utf-8")) or {})
+        old = flatten(yaml.safe_load(saved_plan.read_text(encoding="utf-8")) or {})
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise DamagedCheckpoint(f"{saved_plan} is damaged ({type(exc).__name__})") from None
-    new = _flatten(plan.to_dict())
+    new = flatten(plan.to_dict())
     changes = {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
                if old.get(key) != new.get(key) and not _within(key, UNCHANGING)}
     return {**changes, **signature_changes(saved_signature, signature, explained=tuple(changes))}
@@ -157,15 +158,6 @@ def _within(key: str, prefixes: tuple[str, ...]) -> bool:
     """``key`` is one of ``prefixes`` or inside one of them (``train.lr`` is within ``train``)."""
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: leaf}; lists are leaves (a changed list is one change)."""
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
 
 
 def _show(value: Any) -> str:
