@@ -298,3 +298,16 @@ def test_llama_rope_rows_are_reordered_and_qwen_rows_are_not() -> None:
     out = family_named("llama").gguf_tensor("model.layers.0.self_attn.q_proj.weight", rows, config)
     assert out[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
     assert family_named("qwen2").gguf_tensor("model.layers.0.self_attn.q_proj.weight", rows, config) is rows
+
+
+@pytest.mark.parametrize("name", ["saiga", "zephyr", "chatml"])
+def test_a_saved_portable_template_keeps_its_ollama_form(name: str) -> None:
+    """Output folders save the chat template in its portable form (no generation tags, whitespace made explicit);
+    the export must still know it as the registered template, so the Modelfile gets its Ollama TEMPLATE."""
+    from impruver import registry
+    from impruver.data.templates import ollama_form, portable_template
+
+    source = registry.lookup("templates", name)()
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    assert ollama_form(source, special) is not None
+    assert ollama_form(portable_template(source), special) == ollama_form(source, special)

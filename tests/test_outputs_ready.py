@@ -152,7 +152,7 @@ def test_portable_template_renders_alike_in_both_environments(tmp_path: Path, te
     it the same too (zephyr and the layout above rely on trim_blocks / lstrip_blocks; the rewrite does not)."""
     import jinja2
 
-    from impruver.train.outputs import portable_template
+    from impruver.data.templates import portable_template
 
     tok = make_tokenizer(tmp_path / "tok")
     portable = portable_template(template)

@@ -19,7 +19,6 @@ A template that renders no ``tools=`` gets the function schemas in its system tu
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from impruver.errors import ConfigError, Problem, choices_hint
@@ -116,25 +115,55 @@ saiga.ollama = OLLAMA_SAIGA  # type: ignore[attr-defined]
 zephyr.ollama = OLLAMA_ZEPHYR  # type: ignore[attr-defined]
 chatml.ollama = OLLAMA_CHATML  # type: ignore[attr-defined]
 
-GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+# Tags transformers' chat-template environment adds for training (the spans of the assistant's turns); other
+# Jinja implementations reject them ("unknown tag 'generation'").
+TRAINING_ONLY_TAGS = ("generation", "endgeneration")
+def portable_template(source: str) -> str:
+    """The chat template without training-only tags, in a form any Jinja2 environment renders alike.
 
+    transformers renders templates with ``trim_blocks`` and ``lstrip_blocks`` on; a plain ``jinja2.Environment()``
+    (and minijinja's default) has them off. The template is lexed as transformers lexes it and written back
+    from the lexer's tokens, whose text already has that whitespace removed; comments and the
+    ``{% generation %}`` / ``{% endgeneration %}`` tags are left out. A newline that follows a block tag is
+    written as an expression (``{{ '\\n' }}``), which ``trim_blocks`` leaves alone: the result renders the same
+    text with and without those settings, so transformers renders it as it rendered the original.
+    """
+    import jinja2
 
-def without_generation_tags(source: str) -> str:
-    """``source`` without the training-only ``{% generation %}`` / ``{% endgeneration %}`` tags, which plain Jinja2,
-    minijinja and llama.cpp's template engine refuse (what the tags enclose stays, so the text is the same)."""
-    return GENERATION_TAG.sub("", source)
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    out: list[str] = []
+    tag: list[tuple[str, str]] = []  # the tokens of the block tag being read
+    after_block = False  # the last token written closes a block tag: trim_blocks would eat a newline after it
+    for _, kind, value in env.lexer.tokeniter(source, None):
+        if kind in ("comment_begin", "comment", "comment_end"):
+            continue
+        if kind == "block_begin" or tag:
+            tag.append((kind, value))
+            if kind == "block_end":
+                names = [v for k, v in tag if k == "name"]
+                if not (names and names[0] in TRAINING_ONLY_TAGS):
+                    out.append("".join(v.rstrip() if k == "block_end" else v for k, v in tag))
+                    after_block = True
+                tag = []
+            continue
+        if kind == "data" and after_block and value.startswith("\n"):
+            value = "{{ '\\n' }}" + value[1:]
+        out.append(value.rstrip() if kind == "variable_end" else value)
+        after_block = False
+    return "".join(out)
 
 
 def ollama_form(source: str, special: dict[str, str]) -> str | None:
-    """The Ollama form of a registered template whose Jinja source is ``source`` (with or without generation
-    tags), its bos/eos filled from ``special`` (``{"bos_token": "<s>", ...}``); None for any other template."""
+    """The Ollama form of a registered template whose Jinja source is ``source`` (as registered, or in the portable
+    form an output folder saves: :func:`portable_template`), its bos/eos filled from ``special``
+    (``{"bos_token": "<s>", ...}``); None for any other template."""
     from impruver import registry
 
-    plain = without_generation_tags(source)
+    plain = portable_template(source)
     for name in registry.names("templates"):
         factory = registry.lookup("templates", name)
         form = getattr(factory, "ollama", None)
-        if form and without_generation_tags(factory()) == plain:
+        if form and portable_template(factory()) == plain:
             return str(form).replace("<<bos>>", special.get("bos_token") or "").replace(
                 "<<eos>>", special.get("eos_token") or "")
     return None

@@ -39,7 +39,7 @@ def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str, ch
     """
     from transformers import AutoTokenizer
 
-    from impruver.data.templates import without_generation_tags
+    from impruver.data.templates import portable_template
     from impruver.gguf.write import source_of, write_float_gguf
 
     kinds = gguf_types(kinds)
@@ -50,7 +50,7 @@ def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str, ch
         llama_cpp_module()  # fail before writing anything when the quantizer is missing
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    template = without_generation_tags(template) if template else None
+    template = portable_template(template) if template else None
     stops = end_of_turn(tokenizer, template)
     eot_id = _single_token(tokenizer, stops[0]) if stops else None
     dest.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from impruver.components import method_of
+from impruver.data.templates import portable_template
 from impruver.files import atomic_write_text
 from impruver.hub import hub_id_of
 from impruver.layout import RunLayout
@@ -33,9 +34,6 @@ log = logging.getLogger("impruver")
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG_FILE = "generation_config.json"
-# Tags transformers' chat-template environment adds for training (the spans of the assistant's turns); other
-# Jinja implementations reject them ("unknown tag 'generation'").
-TRAINING_ONLY_TAGS = ("generation", "endgeneration")
 
 
 def base_needs_saving(plan: Plan) -> bool:
@@ -115,41 +113,6 @@ def write_serving_files(folder: Path, *, model: Any, tokenizer: Any, plan: Plan)
             config["chat_template"] = portable_template(config["chat_template"])
             atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
     write_generation_config(folder, model=model, tokenizer=tokenizer, plan=plan)
-
-
-def portable_template(source: str) -> str:
-    """The chat template without training-only tags, in a form any Jinja2 environment renders alike.
-
-    transformers renders templates with ``trim_blocks`` and ``lstrip_blocks`` on; a plain ``jinja2.Environment()``
-    (and minijinja's default) has them off. The template is lexed as transformers lexes it and written back
-    from the lexer's tokens, whose text already has that whitespace removed; comments and the
-    ``{% generation %}`` / ``{% endgeneration %}`` tags are left out. A newline that follows a block tag is
-    written as an expression (``{{ '\\n' }}``), which ``trim_blocks`` leaves alone: the result renders the same
-    text with and without those settings, so transformers renders it as it rendered the original.
-    """
-    import jinja2
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    out: list[str] = []
-    tag: list[tuple[str, str]] = []  # the tokens of the block tag being read
-    after_block = False  # the last token written closes a block tag: trim_blocks would eat a newline after it
-    for _, kind, value in env.lexer.tokeniter(source, None):
-        if kind in ("comment_begin", "comment", "comment_end"):
-            continue
-        if kind == "block_begin" or tag:
-            tag.append((kind, value))
-            if kind == "block_end":
-                names = [v for k, v in tag if k == "name"]
-                if not (names and names[0] in TRAINING_ONLY_TAGS):
-                    out.append("".join(v.rstrip() if k == "block_end" else v for k, v in tag))
-                    after_block = True
-                tag = []
-            continue
-        if kind == "data" and after_block and value.startswith("\n"):
-            value = "{{ '\\n' }}" + value[1:]
-        out.append(value.rstrip() if kind == "variable_end" else value)
-        after_block = False
-    return "".join(out)
 
 
 def write_generation_config(folder: Path, *, model: Any, tokenizer: Any, plan: Plan) -> Path:
