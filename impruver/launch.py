@@ -60,9 +60,19 @@ def launch_command(plan: Plan, plan_path: str | os.PathLike[str]) -> list[str]:
         cmd += ["--machine_rank", str(hw.machine_rank), "--main_process_ip", str(hw.main_process_ip),
                 "--main_process_port", str(hw.main_process_port)]
     else:
-        cmd += ["--main_process_port", str(hw.main_process_port)]
+        cmd += ["--main_process_port", str(hw.main_process_port or free_port())]
     cmd += strategy_of(plan).launch_args(plan)  # --multi_gpu, --use_fsdp ..., --use_deepspeed ...
     return [*cmd, "-m", "impruver.worker", str(plan_path)]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for one machine's rendezvous. The OS picks it; a fixed default port can
+    still be held (or half-closed) by the workers of a run killed a moment ago, and a relaunch on it aborted."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def launch_env(plan: Plan) -> dict[str, str]:

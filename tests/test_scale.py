@@ -51,6 +51,29 @@ def test_launch_commands_per_profile() -> None:
     assert not launch.needs_launch(plan_of())
 
 
+def test_one_machine_rendezvous_on_a_free_port_unless_one_is_set() -> None:
+    """A fixed default port can still be held by the workers of a run killed a moment ago (a relaunch on it then
+    aborts), so one machine takes a port the OS says is free at each launch; a set port is honoured, and several
+    machines must set the same one."""
+    import socket
+
+    def port(cmd: list[str]) -> int:
+        return int(cmd[cmd.index("--main_process_port") + 1])
+
+    cpu = plan_of("hardware=cpu_ddp")
+    assert cpu.hardware.main_process_port is None
+    with socket.socket() as held:  # the port a killed run's store may still hold
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        picked = {port(launch.launch_command(cpu, "p.yaml")) for _ in range(3)}
+    assert taken not in picked
+    assert port(launch.launch_command(plan_of("hardware=cpu_ddp", "hardware.main_process_port=29533"), "p")) == 29533
+    with pytest.raises(Exception, match="hardware.main_process_port"):
+        plan_of("hardware=multinode", "hardware.main_process_ip=10.0.0.1", "hardware.main_process_port=null",
+                "model=rugpt3large", "method=full", "dataset=saiga2")
+
+
 def test_sharding_lowers_the_per_device_estimate() -> None:
     single = plan_of("hardware=gpu80gb", "model=rugpt3large", "method=full", "dataset=saiga2")
     fsdp = plan_of("hardware=fsdp", "hardware.num_processes=8", "model=rugpt3large", "method=full",

@@ -334,6 +334,9 @@ def _check_rules(sections: dict[str, Any]) -> list[Problem]:
                                 f"{hw.machine_rank} is not below num_machines={hw.num_machines}"))
     if hw.num_machines > 1 and not hw.main_process_ip:
         problems.append(Problem("hardware.main_process_ip", "a multi-machine run needs the main machine's address"))
+    if hw.num_machines > 1 and hw.main_process_port is None:
+        problems.append(Problem("hardware.main_process_port", "a multi-machine run needs one port, the same on every "
+                                "machine (e.g. hardware.main_process_port=29500)"))
     for key in train.ddp:
         if key.removeprefix("ddp_") not in DDP_ARGS:
             problems.append(Problem(f"train.ddp.{key}", f"not a DistributedDataParallel setting; "

@@ -170,7 +170,9 @@ class HardwareSpec(Spec):
     num_machines: int = Field(default=1, ge=1)
     machine_rank: int = Field(default=0, ge=0)
     main_process_ip: str | None = None
-    main_process_port: int = Field(default=29500, gt=0, lt=65536)
+    # None: a free port picked at each launch on one machine (a fixed one can still be held by a run just killed);
+    # several machines need the same fixed port on each (the multinode group sets 29500).
+    main_process_port: int | None = Field(default=None, gt=0, lt=65536)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     options: dict[str, Any] = Field(default_factory=dict)  # extra accelerate launch settings
 
