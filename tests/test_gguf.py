@@ -311,3 +311,22 @@ def test_a_saved_portable_template_keeps_its_ollama_form(name: str) -> None:
     special = {"bos_token": "<s>", "eos_token": "</s>"}
     assert ollama_form(source, special) is not None
     assert ollama_form(portable_template(source), special) == ollama_form(source, special)
+
+
+def test_stop_strings_are_the_end_of_turn_chat_and_generation_config_stop_at(shared_data: Path) -> None:
+    """One answer to "where does a reply end": the Modelfile's stop string is the renderer's end-of-turn marker,
+    also for a template that always appends the next assistant header (some Llama-3 exports), where the text after
+    a rendered reply is more than the turn's end."""
+    from transformers import AutoTokenizer
+
+    from impruver.chat.generate import end_of_turn
+    from impruver.gguf.export import stop_strings
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    tok.chat_template = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+                         "m['content'] + '<|eot_id|>' }}{% endfor %}"
+                         "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}")
+    assert end_of_turn(tok)[0] == "<|eot_id|>"
+    assert stop_strings(tok) == ["<|eot_id|>"]
+    tok.chat_template, tok.eos_token = None, "<|endoftext|>"  # no template: the EOS ends a reply
+    assert stop_strings(tok) == ["<|endoftext|>"]

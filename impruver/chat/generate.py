@@ -282,8 +282,11 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(i for i in found if isinstance(i, int) and 0 <= i < max(vocab, 1)))
 
 
-def _end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
-    """The marker the template closes an assistant turn with, and its token ids ('', [] when unknown)."""
+def end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
+    """The marker the template closes an assistant turn with, and its token ids ('', [] when unknown): the one
+    answer to "where does a reply end" for chat, serve, ``generation_config.json`` and the GGUF export. It is the
+    renderer's probe (:meth:`impruver.data.render.Renderer._probe_end_marker`), the same text training masks as the
+    turn's end."""
     if not tokenizer.chat_template:
         return "", []
     try:
@@ -295,11 +298,11 @@ def _end_of_turn(tokenizer: Any) -> tuple[str, list[int]]:
 
 def _end_of_turn_id(tokenizer: Any) -> int | None:
     """The end-of-turn marker's id, when it is one token."""
-    _, ids = _end_of_turn(tokenizer)
+    _, ids = end_of_turn(tokenizer)
     return ids[0] if len(ids) == 1 and ids[0] != tokenizer.unk_token_id else None
 
 
 def _end_of_turn_text(tokenizer: Any) -> list[str]:
     """The end-of-turn marker as a stop string, when it takes several tokens."""
-    marker, ids = _end_of_turn(tokenizer)
+    marker, ids = end_of_turn(tokenizer)
     return [marker] if len(ids) > 1 else []

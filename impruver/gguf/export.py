@@ -22,9 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("impruver")
 
-REPLY = "IMPRUVER-REPLY-7f3a"  # a reply no template alters, to find what ends an assistant turn
-
-
 def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str, chat: ChatSpec | None = None,
                 tokenizer: Any = None) -> list[dict[str, Any]]:
     """Write ``folder``'s model as GGUF files of ``kinds`` into ``dest``, with a Modelfile each.
@@ -51,7 +48,7 @@ def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str, ch
     tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(folder)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     template = portable_template(template) if template else None
-    stops = end_of_turn(tokenizer, template)
+    stops = stop_strings(tokenizer)
     eot_id = _single_token(tokenizer, stops[0]) if stops else None
     dest.mkdir(parents=True, exist_ok=True)
 
@@ -89,20 +86,14 @@ def export_gguf(folder: Path, dest: Path, kinds: Sequence[str], *, name: str, ch
     return out
 
 
-def end_of_turn(tokenizer: Any, template: str | None) -> list[str]:
-    """The text a template ends an assistant turn with (``</s>``, ``<|im_end|>``), found by rendering one reply;
-    the tokenizer's eos_token when there is no template or it ends turns with whitespace only."""
+def stop_strings(tokenizer: Any) -> list[str]:
+    """What ends an assistant turn as Ollama / llama.cpp stop strings: the template's end-of-turn marker (the one
+    chat and ``generation_config.json`` stop at, :func:`impruver.chat.generate.end_of_turn`), else the EOS."""
+    from impruver.chat.generate import end_of_turn
+
+    marker, _ = end_of_turn(tokenizer)
     eos = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
-    if not template:
-        return [eos] if eos else []
-    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template)
-    except Exception as exc:  # a template that refuses this conversation: fall back to EOS, and say so
-        log.warning("the chat template did not render a one-turn chat (%s); stopping at eos_token only", exc)
-        return [eos] if eos else []
-    tail = text[text.rindex(REPLY) + len(REPLY):].strip() if REPLY in text else ""
-    return [tail] if tail else ([eos] if eos else [])
+    return [marker] if marker else ([eos] if eos else [])
 
 
 def _single_token(tokenizer: Any, text: str) -> int | None:
