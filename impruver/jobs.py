@@ -65,7 +65,10 @@ def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
         if plan.eval.questions:
             from impruver.evaluate import run as evaluate
 
+            from impruver.train.outputs import record_check
+
             checked = evaluate(plan)
+            record_check(plan, checked)  # into run.json and the model card, which training wrote before the check
             result = {**result, "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"]}
         if plan.export.gguf:  # export.gguf: the run ends with its GGUF files (an adapter merged first)
             from impruver.train.export import run as export

@@ -97,3 +97,28 @@ def test_the_demo_heldout_set_loads() -> None:
     assert len(questions) >= 90
     assert {q.tags["lang"] for q in questions} == {"en", "ru"}
     assert {q.tags["split"] for q in questions} == {"combination", "phrasing"}
+
+
+@pytest.mark.integration
+def test_the_check_a_run_ends_with_reaches_run_json_and_the_model_card(tmp_path: Path) -> None:
+    """Training writes run.json and the card before the main job's check runs; the check's accuracy joins both."""
+    import os
+    import subprocess
+    import sys
+
+    questions = _write(tmp_path, {"prompt": "Сколько будет 2 + 3?", "answer": "2 + 3 = 5."},
+                       {"prompt": "What is 7 + 5?", "answer": "7 + 5 = 12."})
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "impruver", f"output_dir={out}", "train.max_steps=1",
+                           "train.eval_steps=1000", "train.save_steps=1000", f"eval.questions={questions}",
+                           "eval.max_new_tokens=4"], cwd=tmp_path, env=env, text=True, capture_output=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checked = json.loads((out / "eval.json").read_text())
+    record = json.loads((out / "run.json").read_text())
+    assert record["eval_accuracy"] == checked["accuracy"] and record["eval_questions"] == 2
+    assert record["steps"] == 1 and "strategy" in record  # training's record, kept
+    card = (out / "README.md").read_text()
+    assert f"**Check:** {round(2 * checked['accuracy'])}/2 held-out questions of `{questions}`" in card
+    assert "| eval_accuracy |" in card

@@ -147,6 +147,21 @@ def run_summary(output_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+def record_check(plan: Plan, checked: dict[str, Any]) -> dict[str, Any]:
+    """The check the main job ends with (``eval.questions``), added to ``run.json`` and the model card: training
+    wrote both before the check ran. Returns the updated record."""
+    from impruver.train.recipe import note_resumes
+
+    layout = RunLayout.of(plan.output_dir)
+    record = {**run_summary(plan.output_dir), "eval_accuracy": checked["accuracy"], "eval_questions": checked["n"],
+              "eval_source": checked.get("questions")}
+    atomic_write_text(layout.run_record, json.dumps(record, indent=1))
+    write_card(plan, record)
+    if record.get("resumes"):
+        note_resumes(layout.card, record["resumes"])
+    return record
+
+
 def carry_record(plan: Plan, folder: str | Path, *, summary: dict[str, Any] | None = None,
                  derived_from: str | None = None) -> None:
     """An export's ``plan.yaml`` and model card (a standalone model: transformers loads it without peft)."""
@@ -184,6 +199,16 @@ def write_card(plan: Plan, summary: dict[str, Any], *, folder: str | Path | None
     return target
 
 
+def _check_line(summary: dict[str, Any]) -> str:
+    """The card's line for the check the main job ends with, when it ran."""
+    if summary.get("eval_accuracy") is None:
+        return ""
+    n, accuracy = summary.get("eval_questions") or 0, summary["eval_accuracy"]
+    source = f" of `{summary['eval_source']}`" if summary.get("eval_source") else ""
+    return (f"\n- **Check:** {round(accuracy * n)}/{n} held-out questions{source} answered exactly "
+            f"({100 * accuracy:.1f}%, greedy)")
+
+
 def _card_body(plan: Plan, summary: dict[str, Any], folder: Path, adapter: bool, derived_from: str | None) -> str:
     model = plan.model.path or (f"{plan.model.arch.family} {plan.model.arch.n_layer} x {plan.model.arch.n_embd}"
                                 if plan.model.arch else plan.model.builder)
@@ -217,7 +242,7 @@ Trained with impruver{f' (preset `{plan.preset}`)' if plan.preset else ''}.
 {sources}
 - **Training:** {training}
 - **Tokens trained on:** {summary.get('tokens', 0) or 0:,}
-- **Final train loss:** {_fmt(summary.get('train_loss'))}; **eval loss:** {_fmt(summary.get('eval_loss'))}{best}
+- **Final train loss:** {_fmt(summary.get('train_loss'))}; **eval loss:** {_fmt(summary.get('eval_loss'))}{best}{_check_line(summary)}
 
 ## Final metrics
 
