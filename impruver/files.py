@@ -60,21 +60,77 @@ def make_dir(path: str | os.PathLike[str], *, what: str) -> Path:
     return folder
 
 
+# How libraries that write through their own I/O say an OS error: safetensors' Rust ("os error 28"), torch.save's
+# C++ stream writer, which drops the errno ("file write failed", or "unexpected pos" when a short write went unseen).
+_LIBRARY_FULL = ("os error 28", "os error 122", "no space left on device", "disk quota exceeded", "storagefull")
+_LIBRARY_TOO_LARGE = ("os error 27", "file too large")
+_TORCH_WRITER = ("pytorchstreamwriter failed writing", "file write failed", "inline_container.cc")
+_RESUME = "then continue with train.resume=auto"
+
+
 @contextmanager
-def disk_errors() -> Iterator[None]:
+def disk_errors(where: str | os.PathLike[str] | None = None) -> Iterator[None]:
     """Turn a full disk or a refused write inside the block into a RunError naming the file and the fix; other
-    OSErrors pass (they are impruver's own bugs, and their traceback is wanted)."""
+    OSErrors pass (they are impruver's own bugs, and their traceback is wanted). Writes that libraries make with
+    their own I/O (safetensors, ``torch.save``) fail as their own exception types; those are recognised too.
+
+    Args:
+        where: the folder being written (the output dir), named in messages where the library gives no path.
+    """
     try:
         yield
     except OSError as exc:
-        where = exc.filename or "a file"
+        at = exc.filename or "a file"
         if exc.errno in FULL:
-            raise RunError(f"the disk is full: writing {where} failed ({exc.strerror}). Free space on that disk "
-                           "or choose output_dir=PATH on another one, then continue with train.resume=auto") from None
+            raise RunError(f"the disk is full: writing {at} failed ({exc.strerror}). Free space on that disk "
+                           f"or choose output_dir=PATH on another one, {_RESUME}") from None
+        if exc.errno == errno.EFBIG:
+            raise RunError(f"writing {at} failed: {exc.strerror} (the file system's or this process's file size "
+                           f"limit, `ulimit -f`). Raise the limit or choose output_dir=PATH on another disk, "
+                           f"{_RESUME}") from None
         if exc.errno in DENIED:
-            raise RunError(f"cannot write {where} ({exc.strerror}): check its permissions, or choose "
+            raise RunError(f"cannot write {at} ({exc.strerror}): check its permissions, or choose "
                            "output_dir=PATH in a folder you can write to") from None
         raise
+    except Exception as exc:
+        message = library_write_failure(exc, where)
+        if message is None:
+            raise
+        raise RunError(message) from None
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "disk_errors", "make_dir"]
+def library_write_failure(exc: BaseException, where: str | os.PathLike[str] | None = None) -> str | None:
+    """The user's message for a write that safetensors or torch.save failed, or None when ``exc`` is not one."""
+    if not (isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError"):
+        return None
+    text = str(exc).lower()
+    folder = f"under {where}" if where is not None else "in the output folder"
+    first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if any(k in text for k in _LIBRARY_FULL):
+        return (f"the disk is full: writing a file {folder} failed ({first_line}). Free space on that disk or "
+                f"choose output_dir=PATH on another one, {_RESUME}")
+    if any(k in text for k in _LIBRARY_TOO_LARGE):
+        return (f"writing a file {folder} failed: file too large ({first_line}), the file system's or this process's "
+                f"file size limit (`ulimit -f`). Raise the limit or choose output_dir=PATH on another disk, {_RESUME}")
+    if any(k in text for k in _TORCH_WRITER):
+        free = _free_space(where)
+        return (f"torch.save could not write a file {folder} ({first_line}); torch hides the reason, which is "
+                f"nearly always a full disk{free} or a file size limit (`ulimit -f`). Free space or choose "
+                f"output_dir=PATH on another disk, {_RESUME}")
+    return None
+
+
+def _free_space(where: str | os.PathLike[str] | None) -> str:
+    """' (0.2 GiB free there now)', or '' when it cannot be measured."""
+    import shutil
+
+    folder = Path(where) if where is not None else Path.cwd()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return f" ({shutil.disk_usage(folder).free / 2**30:.1f} GiB free there now)"
+    except OSError:
+        return ""
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "disk_errors", "library_write_failure", "make_dir"]

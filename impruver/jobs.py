@@ -41,10 +41,10 @@ def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     from impruver.train.recipe import run as train
 
     if launch.under_launcher():  # the ranks of an outside launcher: its main process owns the folder
-        with disk_errors():
+        with disk_errors(plan.output_dir):
             launch.prepare_ranks(plan)
             return train(plan, worker=True)
-    with run_lock(plan.output_dir), disk_errors():
+    with run_lock(plan.output_dir), disk_errors(plan.output_dir):
         prepare(plan, force=force)
         if launch.needs_launch(plan):
             return launch.spawn(plan)
@@ -60,7 +60,9 @@ def main_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
 
     if launch.under_launcher():
         return train_job(plan, force=force)
-    with run_lock(plan.output_dir):  # held from training through the check
+    from impruver.files import disk_errors
+
+    with run_lock(plan.output_dir), disk_errors(plan.output_dir):  # held from training through the check
         result = train_job(plan, force=force)
         if plan.eval.questions:
             from impruver.evaluate import run as evaluate
@@ -84,7 +86,7 @@ def compose_job(plan: Plan, *, force: bool = False, inspect: int | str | None = 
     from impruver.files import disk_errors
     from impruver.lock import run_lock
 
-    with run_lock(plan.output_dir), disk_errors():
+    with run_lock(plan.output_dir), disk_errors(plan.output_dir):
         return pipeline.run(plan, force=force, inspect=inspect, export_messages=export_messages)
 
 

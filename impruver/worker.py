@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         from impruver.plan import load_plan
         from impruver.train.recipe import run
 
-        with disk_errors():
-            run(load_plan(argv[0]), worker=True)
+        plan = load_plan(argv[0])
+        with disk_errors(plan.output_dir):
+            run(plan, worker=True)
     except ImpruverError as exc:
         print_error(str(exc))
         return exc.exit_code

@@ -143,6 +143,54 @@ def test_a_full_disk_is_a_message_and_leaves_no_half_checkpoint(tmp_path: Path, 
     assert not list((out / "checkpoints").iterdir()) and not RunLayout.of(out).lock.exists()
 
 
+# Runs `impruver ARGV` under a file size limit (RLIMIT_FSIZE, SIGXFSZ ignored): the kernel then fails a write past
+# the limit with EFBIG, through whichever library makes it (safetensors' Rust I/O, torch.save's C++ writer), as a
+# full disk fails it with ENOSPC. No monkeypatching: the libraries' own errors are what the user would see.
+LIMITED = """import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from transformers import AutoTokenizer
+import impruver.data.pipeline as pipeline
+from impruver import cli
+pipeline.ensure_composed = lambda plan, **_: None  # the test wrote the rows (as the use_files fixture does)
+pipeline.load_composed_tokenizer = lambda plan: AutoTokenizer.from_pretrained(plan.tokenizer.path)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+# the weights (safetensors, 160 kB) fail first; then the optimizer state (torch.save)
+@pytest.mark.parametrize("limit", [20_000, 200_000])
+def test_a_real_failed_write_inside_a_library_is_a_message_not_a_traceback(tmp_path: Path, limit: int) -> None:
+    out = prepare(tmp_path / "run")
+    plan_file = _plan_file(out, tmp_path / "plan", max_steps=4, save_steps=2)
+    (tmp_path / "unused.jsonl").write_text("")  # the plan's nominal source (its rows are written by prepare)
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(limit), "train", "--plan", str(plan_file)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = " ".join(done.stderr.split())
+    assert "ulimit -f" in message and "train.resume=auto" in message, message[-2000:]
+    assert not list((out / "checkpoints").iterdir()), "a half-written checkpoint was left"
+    assert not RunLayout.of(out).lock.exists()
+
+
+def test_library_write_failures_are_told_apart_from_other_errors() -> None:
+    from impruver.files import library_write_failure
+
+    class SafetensorError(Exception):  # safetensors' Rust error type, by name (its module is private)
+        pass
+
+    full = library_write_failure(SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                 "(os error 28)"), "/runs/a")
+    assert full is not None and full.startswith("the disk is full: writing a file under /runs/a failed")
+    torch_full = library_write_failure(RuntimeError("[enforce fail at inline_container.cc:672] . "
+                                                    "PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert torch_full is not None and "GiB free there now" in torch_full
+    assert library_write_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert library_write_failure(ValueError("os error 28")) is None
+
+
 def test_the_compose_stage_takes_the_pipelines_flags() -> None:
     from impruver import jobs
     from impruver.data import pipeline
