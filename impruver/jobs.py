@@ -41,7 +41,7 @@ def train_job(plan: Plan, *, force: bool = False) -> dict[str, Any]:
     from impruver.train.recipe import run as train
 
     if launch.under_launcher():  # the ranks of an outside launcher: its main process owns the folder
-        with disk_errors(plan.output_dir):
+        with launch.ranks_lock(plan), disk_errors(plan.output_dir):
             launch.prepare_ranks(plan)
             return train(plan, worker=True)
     with run_lock(plan.output_dir), disk_errors(plan.output_dir):

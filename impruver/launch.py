@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from impruver.errors import RunError
@@ -210,6 +211,33 @@ class Interrupted(RunError):
         self.exit_code = 128 + signum
         super().__init__(f"stopped by {signal.Signals(signum).name}: the workers were stopped too; continue "
                          "from the last checkpoint with train.resume=auto")
+
+
+@contextlib.contextmanager
+def ranks_lock(plan: Plan) -> Iterator[None]:
+    """Under an outside launcher (a bare ``accelerate launch -m impruver``): the main process holds the run folder's
+    lock for the whole run, as ``impruver`` itself does; every rank learns whether it got it, so a busy folder stops
+    all of them with the holder's pid instead of leaving the others waiting at the first barrier."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from impruver.lock import run_lock
+
+    state = PartialState(cpu=plan.hardware.device == "cpu")
+    held = contextlib.ExitStack()
+    problem: list[str | None] = [None]
+    if state.is_main_process:
+        try:
+            held.enter_context(run_lock(plan.output_dir))
+        except RunError as exc:
+            problem = [str(exc)]
+    if state.num_processes > 1:
+        broadcast_object_list(problem)  # the main process's answer, on every rank
+    if problem[0] is not None:
+        held.close()
+        raise RunError(problem[0] if state.is_main_process else f"the main process stopped: {problem[0]}")
+    with held:
+        yield
 
 
 def prepare_ranks(plan: Plan) -> None:

@@ -70,6 +70,24 @@ def test_accelerate_launch_form(tmp_path: Path, shared_data: list[str]) -> None:
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     assert len(list(out.rglob("plan.yaml"))) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["launched"], "no stray run folders"
+    assert not (out / ".lock").exists(), "the lock the main rank held is released"
+
+    # A folder another run holds: every rank stops with the holder's pid, none waits at a barrier.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom impruver.lock import run_lock\n"
+                               "with run_lock(sys.argv[1]):\n    print('ready', flush=True)\n    time.sleep(120)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        busy = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                               "2", "--main_process_port", "29534", "-m", "impruver", *TINY, *shared_data,
+                               "train.max_steps=2", "hardware=cpu_ddp", "train.batch_size=2", f"output_dir={out}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode != 0 and f"pid {holder.pid}" in busy.stderr, busy.stderr[-3000:]
+    assert "the main process stopped" in busy.stderr  # the other rank says why it stops too
 
 
 def final_weights(output_dir: Path) -> dict[str, object]:
