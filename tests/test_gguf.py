@@ -330,3 +330,28 @@ def test_stop_strings_are_the_end_of_turn_chat_and_generation_config_stop_at(sha
     assert stop_strings(tok) == ["<|eot_id|>"]
     tok.chat_template, tok.eos_token = None, "<|endoftext|>"  # no template: the EOS ends a reply
     assert stop_strings(tok) == ["<|endoftext|>"]
+
+
+def test_every_quantized_type_loads_and_orders_by_its_bits(exported: dict[str, Any], tmp_path: Path) -> None:
+    """q6_k, q5_k_m and q4_0 too (the llama case: rows of 256 and 512 values, so k-quants quantize every matrix):
+    each file is of its type, and the logit error rises as the bits per weight fall, within each type's bound."""
+    import gguf
+
+    from impruver.gguf.export import export_gguf
+
+    case = exported["llama"]
+    folder = case["files"]["f16"].parent.parent / "model"
+    kinds = ["q6_k", "q5_k_m", "q4_0"]
+    files = {r["type"]: r for r in export_gguf(folder, tmp_path, kinds, name="llama", tokenizer=case["tok"])}
+    ids = case["tok"](PROMPT)["input_ids"]
+    want = _hf_logits(case["model"], ids)
+    errors = {k: _relative_error(_cpp_logits(_llama(case["files"][k]), ids), want) for k in ("q8_0", "q4_k_m")}
+    for kind in kinds:
+        llm = _llama(Path(files[kind]["path"]))
+        assert llm.metadata["general.file_type"] == str(int(getattr(gguf.LlamaFileType, GGUF_TYPES[kind])))
+        errors[kind] = _relative_error(_cpp_logits(llm, ids), want)
+    assert errors["q8_0"] < errors["q6_k"] < errors["q5_k_m"] < errors["q4_k_m"], errors
+    # Measured: q8_0 0.05, q6_k 0.17, q5_k_m 0.31, q4_k_m 0.43, q4_0 0.55 (a scale per 32 values, no k-quant mins).
+    assert errors["q6_k"] < 0.3 and errors["q5_k_m"] < 0.5 and errors["q4_0"] < 0.8, errors
+    sizes = {k: files[k]["bytes"] for k in kinds}
+    assert sizes["q4_0"] < sizes["q5_k_m"] < sizes["q6_k"], sizes
