@@ -61,6 +61,15 @@ def test_lora_settings_with_another_method_are_a_contradiction() -> None:
     assert any("method.lora" in p and "method=lora" in p for p in found)
 
 
+def test_a_method_chosen_under_a_preset_that_sets_another_builder_gets_the_fix() -> None:
+    """preset=demo objective=dpo sets method.builder=full over the chosen group (a config selected by interpolation
+    cannot override a group); the user who chose method=lora is told to name the builder, not to choose lora."""
+    (problem,) = problems("preset=demo", "objective=dpo", "method=lora")
+    assert "method=lora was chosen" in problem and "add method.builder=lora" in problem
+    plan = plan_of("preset=demo", "objective=dpo", "method=lora", "method.builder=lora")
+    assert plan.method.builder == "lora" and plan.objective.name == "dpo"
+
+
 def test_local_tokenizer_without_template(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text("{}")
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')

@@ -71,7 +71,7 @@ def make_plan(config: dict[str, Any], *, choices: dict[str, str] | None = None) 
             found = problems_from(exc, spec, prefix=name)
             for problem in found:
                 if problem.key not in missing:
-                    problems.extend(_with_owner(problem, raw) if name == "method" else [problem])
+                    problems.extend(_with_owner(problem, raw, choices.get("method")) if name == "method" else [problem])
 
     problems.extend(_check_registry_names(sections))  # also for the sections that did validate
     problems.extend(_objective_checks(sections))
@@ -172,9 +172,11 @@ class _BareMethod(MethodSpec):
     model_config = {**MethodSpec.model_config, "extra": "ignore"}
 
 
-def _with_owner(problem: Problem, raw: dict[str, Any]) -> list[Problem]:
+def _with_owner(problem: Problem, raw: dict[str, Any], chosen: str | None = None) -> list[Problem]:
     """An option of another method (``method.lora`` with method=full) says which methods take it, and what is
-    wrong inside it for the first of them (``method.lora.rr``: did you mean 'r'), so both fixes show at once."""
+    wrong inside it for the first of them (``method.lora.rr``: did you mean 'r'), so both fixes show at once.
+    ``chosen``: the method group the config chose; when it takes the option, a later config (a preset for an
+    objective) set another builder over it, and the fix is to name the builder too."""
     parts = problem.key.split(".")
     if len(parts) != 2 or parts[0] != "method" or "unknown key" not in problem.message:
         return [problem]
@@ -183,8 +185,12 @@ def _with_owner(problem: Problem, raw: dict[str, Any]) -> list[Problem]:
     owners = methods_taking(parts[1])
     if not owners:
         return [problem]
-    owned = Problem(problem.key, f"{problem.message}; '{parts[1]}' is an option of method "
-                    f"{', '.join(owners)}: choose method={owners[0]} to use it")
+    if chosen in owners:
+        fix = (f"method={chosen} was chosen, but a config merged after it (a preset for this objective) set "
+               f"method.builder={raw.get('builder')}; add method.builder={chosen}")
+    else:
+        fix = f"choose method={owners[0]} to use it"
+    owned = Problem(problem.key, f"{problem.message}; '{parts[1]}' is an option of method {', '.join(owners)}: {fix}")
     schema = method_section(owners[0])
     try:
         schema.model_validate({"builder": owners[0], parts[1]: raw.get(parts[1])})
