@@ -31,11 +31,9 @@ def init_worker(settings: dict[str, Any]) -> None:
     """Load the tokenizer and template once per process (a forked worker inherits the parent's)."""
     if _STATE.get("settings") == settings:
         return
-    from transformers import AutoTokenizer
+    from impruver.data.tokenizers import load_pretrained, special_tokens_of
 
-    from impruver.data.tokenizers import special_tokens_of
-
-    tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer_dir"])
+    tokenizer = load_pretrained(settings["tokenizer_dir"])  # AutoTokenizer's class, without torch where it can
     renderer = Renderer.from_template(tokenizer.chat_template, special_tokens_of(tokenizer))
     _STATE.update(settings=settings, encoder=Encoder(tokenizer, renderer), tokenizer=tokenizer)
     # The heap already holds transformers (and perhaps torch): exempt it from garbage collection, so collections

@@ -91,12 +91,12 @@ def ensure_composed(plan: Any) -> ComposeResult:
 
 def load_composed_tokenizer(plan: Any) -> Any:
     """The tokenizer saved by the last compose of this plan (chat template and special tokens included)."""
-    from transformers import AutoTokenizer
+    from impruver.data.tokenizers import load_pretrained
 
     folder = paths_of(plan)["tokenizer"]
     if not (folder / "tokenizer_config.json").is_file():
         raise RunError(f"no composed tokenizer at {folder}: run `impruver compose` first")
-    return AutoTokenizer.from_pretrained(folder)
+    return load_pretrained(folder)
 
 
 def paths_of(plan: Any) -> dict[str, Path]:
