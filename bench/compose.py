@@ -352,9 +352,11 @@ def measured(args: list[str]) -> dict:
     child = subprocess.Popen([sys.executable, "-c", _MEMORY_RUN, str(Path(__file__).parent), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_pss = peak_rss = 0
+    peak_parts: list[int] = []  # each process's PSS at the peak, kB (the main process first)
     while child.poll() is None:
         figures = [_rollup(pid) for pid in _tree(child.pid)]
-        peak_pss = max(peak_pss, sum(f[0] for f in figures))
+        if sum(f[0] for f in figures) > peak_pss:
+            peak_pss, peak_parts = sum(f[0] for f in figures), [f[0] for f in figures if f[0]]
         peak_rss = max(peak_rss, sum(f[1] for f in figures))
         time.sleep(0.05)
     out, err = child.communicate()
@@ -363,7 +365,8 @@ def measured(args: list[str]) -> dict:
         return {"error": (err or out)[-2000:]}
     result = json.loads(lines[-1][len("RESULT "):])
     result["records_per_s"] = round(result["records"] / max(result["seconds"], 1e-9))
-    return {**result, "peak_pss_mb": round(peak_pss / 1024), "peak_rss_summed_mb": round(peak_rss / 1024)}
+    return {**result, "peak_pss_mb": round(peak_pss / 1024), "peak_rss_summed_mb": round(peak_rss / 1024),
+            "peak_pss_per_process_mb": [round(kb / 1024) for kb in peak_parts]}
 
 
 def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: int,
