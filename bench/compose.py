@@ -402,6 +402,8 @@ def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: i
             for how in hows:
                 row[how] = measured([how, str(path), fmt, str(work / "gpt2"), str(work / f"{case}-{how}"),
                                      str(limit)])
+                if row[how].get("seconds") and not limit:  # the whole input read: its MB/s (documents: 3 records)
+                    row[how]["mb_per_s"] = round(row["input_mb"] / row[how]["seconds"], 2)
                 shutil.rmtree(work / f"{case}-{how}", ignore_errors=True)
                 print(json.dumps({case: {how: row[how]}}), file=sys.stderr, flush=True)  # progress
             result[case] = row

@@ -832,9 +832,10 @@ def show_samples(result: ComposeResult, count: int) -> None:
 
         return show_pairs(result, count)
     from rich.text import Text
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(result.tokenizer_dir)
+    from impruver.data.tokenizers import load_pretrained
+
+    tokenizer = load_pretrained(result.tokenizer_dir)
     with result.train_path.open(encoding="utf-8") as handle:
         for n, line in zip(range(count), handle):
             sample = json.loads(line)
