@@ -32,31 +32,36 @@ Reading a JSON array (``--json-array-mb 100``: 656,566 short chats, 100 MB, each
 before, so its reading alone peaked like ``json.load``). This is the reading only, not a whole compose.
 
 Whole composes (``--memory all``: ``array``, ``array_limit_1000``, ``documents``, ``mix``), each run in a fresh
-process whose PSS, summed over it and its workers, is sampled every 50 ms; the "before" columns are the bare
-readers a user would write: ``json.load`` (or every line) + the fast tokenizer keeping the ids, and
-``datasets.load_dataset("json")`` + a batched ``map`` of the tokenizer. Measured 2026-12-02 on the shared 2-core
-machine at load average 13-17 (six other engineers' jobs): records/s there are a fraction of what two free cores
-give and say little; the memory is the figure. Peak PSS summed, MB (records/s):
+process whose PSS, summed over it and its workers, is sampled every 50 ms (``peak_pss_per_process_mb``: each
+process at that peak, the main one first); the bare readers a user would write are measured beside them:
+``json.load`` (or every line) + the fast tokenizer keeping the ids, and ``datasets.load_dataset("json")`` + a
+batched ``map`` of the tokenizer. Measured 2026-12-02 13:43-14:25 UTC on the shared 2-core machine (load average
+2.9-8.3, other engineers' jobs), "before" = main at 1e66b90, "after" = this code, each run twice, interleaved.
+Peak PSS summed, MB (records/s, or seconds):
 
-| input | impruver compose | json.load + tokenizer | datasets + map |
-|---|---|---|---|
-| three 5 MB text documents (15 MB) | 699 (357 s) | 1846 (183 s) | 2019 (164 s) |
-| 100k-record chat mix (104 MB) | 515 (129/s) | 990 (213/s) | 348 (165/s) |
-| 200 MB JSON array, 672,712 short chats | 470 (383/s) | 2743 (1168/s) | 1870 (1776/s) |
-| the same array, `limit: 1000` | 327 (16.91 s) | 997 (19.98 s) | 1869 (95.26 s) |
+| input | before | after | json.load + tokenizer | datasets + map |
+|---|---|---|---|---|
+| 200 MB JSON array (672,712 chats) | 510, 510 (2290/s, 2593/s) | 317, 318 (2652/s, 2289/s) | 2743 (1168/s)* | 1870 (1776/s)* |
+| the same array, `limit: 1000` | 329, 329 (5.4 s, 5.9 s) | 141, 141 (3.3 s, 3.1 s) | 997 (20 s)* | 1869 (95 s)* |
+| three 5 MB text documents (15 MB) | 705, 702 (36 s, 34 s) | 379, 384 (31 s, 36 s) | 1858 (29 s) | 1993 (30 s) |
+| 100k-record chat mix (104 MB) | 580, 560 (797/s, 1050/s) | 358, 360 (948/s, 1442/s) | 993 (1538/s) | 382 (1517/s) |
 
-Issue 13's targets: the 200 MB array under 600 MB: met (470); ``limit: 1000`` under 300 MB: not met (327); three
-5 MB documents under 600 MB: not met (699). The array had shorter chats than the issue's (672,712 records in
-200 MB, not 552k). The mix and the array ran before the last two memory commits (the in-flight byte budget and the
-heap trim after long documents), which do not change them; the documents' row is after them (744 MB before them).
+(* measured the same day at load 13-17, before these changes; the bare readers do not depend on them.)
+Issue 13's targets: the 200 MB array under 600 MB, ``limit: 1000`` under 300 MB, three 5 MB documents under 600 MB:
+all met. The array has shorter chats than the issue's (672,712 records in 200 MB, not 552k).
 
-Before this session's fixes, on the same machine: the three documents peaked at 3,507 MB (one worker 2.77 GB:
+What the "after" column changed: (1) compose imports no torch. transformers' ``AutoTokenizer`` module imports the
+model configurations and through them torch (~190 MB a process); a local tokenizer folder without a model
+``config.json`` now loads with the class AutoTokenizer would choose, taken directly
+(:func:`impruver.data.tokenizers.load_pretrained`), in the main process and in the workers. (2) A long document's
+ids are int32 arrays, not Python int lists: a 5 MB document's worker peak went from +191 MB to +99 MB over the
+loaded worker. At the documents' peak the three processes hold 96, 94-99 and 183-194 MB (before: 199, 171-173,
+332); at the array's 152, 81, 83 (before: 256, 127, 127).
+
+Earlier the same day, before the first memory fixes: the three documents peaked at 3,507 MB (one worker 2.77 GB:
 per 5 MB document ~700 MB of tokenizer encodings and ~900 MB of MinHash matrices; now tokenized in checked
 128k-character windows and hashed in 1 MB windows), and the 200 MB array's parent held 1.34 GB after 240k of its
-records (the worker pool first listed every chunk of every source). What is left: impruver's compose process
-imports transformers' ``AutoTokenizer``, which imports torch: ~190 MB of the ~310 MB the parent holds before it
-reads a record, a floor under every figure here (``json.load`` + ``PreTrainedTokenizerFast`` does not import
-torch); and a long document's ids are Python int lists in the worker (~150 MB for 2M tokens).
+records (the worker pool first listed every chunk of every source).
 
 Targets (issue 3): >= 3000 rec/s with near-dup on, >= 0.5x the bare tokenizer with near-dup off: both met, by
 wall clock and by CPU time. Worker peak memory 734-746 MB. Before the speed work (same day, 23:12 and 23:24,
@@ -352,9 +357,11 @@ def measured(args: list[str]) -> dict:
     child = subprocess.Popen([sys.executable, "-c", _MEMORY_RUN, str(Path(__file__).parent), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak_pss = peak_rss = 0
+    peak_parts: list[int] = []  # each process's PSS at the peak, kB (the main process first)
     while child.poll() is None:
         figures = [_rollup(pid) for pid in _tree(child.pid)]
-        peak_pss = max(peak_pss, sum(f[0] for f in figures))
+        if sum(f[0] for f in figures) > peak_pss:
+            peak_pss, peak_parts = sum(f[0] for f in figures), [f[0] for f in figures if f[0]]
         peak_rss = max(peak_rss, sum(f[1] for f in figures))
         time.sleep(0.05)
     out, err = child.communicate()
@@ -363,7 +370,8 @@ def measured(args: list[str]) -> dict:
         return {"error": (err or out)[-2000:]}
     result = json.loads(lines[-1][len("RESULT "):])
     result["records_per_s"] = round(result["records"] / max(result["seconds"], 1e-9))
-    return {**result, "peak_pss_mb": round(peak_pss / 1024), "peak_rss_summed_mb": round(peak_rss / 1024)}
+    return {**result, "peak_pss_mb": round(peak_pss / 1024), "peak_rss_summed_mb": round(peak_rss / 1024),
+            "peak_pss_per_process_mb": [round(kb / 1024) for kb in peak_parts]}
 
 
 def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: int,
@@ -399,6 +407,8 @@ def memory_figures(shared: Path, array_mb: int, cases: list[str], mix_records: i
             for how in hows:
                 row[how] = measured([how, str(path), fmt, str(work / "gpt2"), str(work / f"{case}-{how}"),
                                      str(limit)])
+                if row[how].get("seconds") and not limit:  # the whole input read: its MB/s (documents: 3 records)
+                    row[how]["mb_per_s"] = round(row["input_mb"] / row[how]["seconds"], 2)
                 shutil.rmtree(work / f"{case}-{how}", ignore_errors=True)
                 print(json.dumps({case: {how: row[how]}}), file=sys.stderr, flush=True)  # progress
             result[case] = row

@@ -35,6 +35,7 @@ def run_lock(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
     Raises:
         RunError: the folder cannot be created or written, or another live run holds it.
     """
+    created = [f for f in (Path(output_dir), *Path(output_dir).parents) if not f.exists()]  # made here, deepest first
     root = make_dir(output_dir, what="output_dir")
     key = root.resolve()
     if key in _HELD:
@@ -47,12 +48,25 @@ def run_lock(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
     lock = RunLayout.of(root).lock
     _acquire(lock)
     _HELD[key] = 1
+    failed = True
     try:
         remove_stale_work(root)
         yield root
+        failed = False
     finally:
         del _HELD[key]
         _release(lock)
+        if failed:  # a run that failed before writing anything leaves no folder behind
+            _remove_if_empty(created)
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote something), or gone: keep the rest too
+            return
 
 
 def remove_stale_work(root: Path) -> list[Path]:

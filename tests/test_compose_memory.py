@@ -41,7 +41,7 @@ def test_a_long_text_gets_exactly_the_ids_of_one_encode(name: str, tmp_path: Pat
     original = encoder.encode_texts
     monkeypatch.setattr(encoder, "encode_texts", lambda texts: encoded_lengths.extend(map(len, texts))
                         or original(texts))
-    assert encoder.text_ids(text) == whole
+    assert encoder.text_ids(text).tolist() == whole
     if name != "mistral":  # byte-level BPEs split at whitespace: windows all the way, never the whole text
         assert len(encoded_lengths) > 20 and max(encoded_lengths) <= 3000
 
@@ -125,3 +125,87 @@ def test_whitespace_is_normalized_as_str_split_does() -> None:
     spaces = "".join(chr(c) for c in range(0x3000 + 1) if chr(c).isspace())
     text = f"{spaces}A b{spaces}C\td\u00a0e\x1cf  {spaces}"
     assert dedup.normalize(text) == " ".join(text.lower().split()) == "a b c d e f"
+
+
+def _chunks_reference(ids: list[int], bos: int | None, eos: int | None, max_tokens: int) -> list[list[int]]:
+    """Raw text cut as impruver cut it with Python lists: EOS closing the document, max_tokens pieces (BOS
+    first in each when asked), pieces of one token left out."""
+    ids = [*ids, *([] if eos is None else [eos])]
+    room = max_tokens - (bos is not None)
+    pieces = [([bos] if bos is not None else []) + ids[start:start + room] for start in range(0, len(ids), room)]
+    return [piece for piece in pieces if len(piece) > 1]
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 15, 16, 17, 100])
+def test_raw_text_pieces_are_the_list_cut_as_int32_views(add_bos: bool, length: int) -> None:
+    encoder = render.Encoder.__new__(render.Encoder)  # only its ids: no tokenizer needed
+    ids = list(range(1000, 1000 + length))
+    for bos, eos in ((1, 2), (None, 2), (1, None), (None, None)):
+        encoder.bos_id, encoder.eos_id = bos, eos
+        options = render.SourceOptions(add_bos=add_bos, max_tokens=8)
+        expected = _chunks_reference(ids, bos if add_bos else None, eos, 8)
+        for given in (ids, np.array(ids, dtype=np.int32)):  # a short text's list, a long one's array
+            got = encoder._chunks(given, options)
+            if not expected:
+                assert isinstance(got, render.RecordError)
+                continue
+            assert [s.input_ids.tolist() for s in got] == expected
+            assert all(s.input_ids.dtype == np.int32 and s.labels is s.input_ids and s.trainable == len(s.input_ids)
+                       for s in got)
+
+
+@needs_shared
+def test_a_long_texts_ids_cost_bytes_per_token_not_python_ints(monkeypatch) -> None:
+    """Traced Python memory while a 350k-character text (~140k tokens) is encoded, in small windows (so the
+    windows' own encodings are small next to the document): int32 arrays, about 12 bytes a token at the peak
+    (the windows' arrays, their join, the EOS added); the lists it was held in before cost about 52."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(1)
+    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "ta") for b in ("n", "ra", "tel", "mo", "ski", "bar")]
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(5000))
+    encoder = encoder_for(gpt2_tokenizer(), "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(render, "TEXT_WINDOW", 8192)
+    monkeypatch.setattr(render, "TEXT_MARGIN", 512)
+    monkeypatch.setattr(render, "TEXT_CHECK", 32)
+    tracemalloc.start()
+    try:
+        samples = encoder.encode([{"text": text}], render.SourceOptions(max_tokens=2048))[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    tokens = sum(len(s.input_ids) for s in samples)
+    whole = [*encoder.backend.encode(text, add_special_tokens=False).ids, encoder.eos_id]
+    assert np.concatenate([s.input_ids for s in samples]).tolist() == whole and tokens > 100_000
+    assert peak / tokens < 20, f"{peak / tokens:.1f} bytes a token"
+
+
+@needs_shared
+def test_a_long_documents_lines_and_store_hold_the_same_ids_as_json_of_lists(tmp_path: Path, monkeypatch) -> None:
+    """Raw-text samples serialized from int32 arrays: the JSONL lines are byte for byte what json.dumps writes for
+    the same ids as lists, and the token store holds the same ids (a BOS before each piece here)."""
+    from impruver.data import pipeline
+    from impruver.data.store import open_store
+    from impruver.plan import DatasetSpec, SourceSpec
+    from test_train_support import tiny_plan
+
+    text = real_text(30_000)
+    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    tok = gpt2_tokenizer()
+    tok.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(render, "TEXT_WINDOW", 4000)
+    plan = tiny_plan(tmp_path / "out", tokenizer_path=str(tmp_path / "gpt2"))
+    dataset = DatasetSpec(sources={"doc": SourceSpec(path=str(tmp_path / "doc.jsonl"), format="text",
+                                                     add_bos=True)},
+                          val_size=0, max_tokens=128, num_proc=1)
+    result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
+    ids = [*tok.backend_tokenizer.encode(text, add_special_tokens=False).ids, tok.eos_token_id]
+    pieces = _chunks_reference(ids, tok.bos_token_id, None, 128)
+    lines = result.train_path.read_bytes().splitlines(keepends=True)
+    assert lines == [(json.dumps({"input_ids": p, "labels": p, "attention_mask": [1] * len(p)},
+                                 separators=(",", ":")) + "\n").encode() for p in pieces] and len(pieces) > 40
+    store_ids, store_labels, offsets = open_store(result.train_path)
+    assert store_ids.tolist() == store_labels.tolist() == [t for p in pieces for t in p]
+    assert offsets.tolist() == np.cumsum([0, *map(len, pieces)]).tolist()

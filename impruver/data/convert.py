@@ -31,11 +31,9 @@ def init_worker(settings: dict[str, Any]) -> None:
     """Load the tokenizer and template once per process (a forked worker inherits the parent's)."""
     if _STATE.get("settings") == settings:
         return
-    from transformers import AutoTokenizer
+    from impruver.data.tokenizers import load_pretrained, special_tokens_of
 
-    from impruver.data.tokenizers import special_tokens_of
-
-    tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer_dir"])
+    tokenizer = load_pretrained(settings["tokenizer_dir"])  # AutoTokenizer's class, without torch where it can
     renderer = Renderer.from_template(tokenizer.chat_template, special_tokens_of(tokenizer))
     _STATE.update(settings=settings, encoder=Encoder(tokenizer, renderer), tokenizer=tokenizer)
     # The heap already holds transformers (and perhaps torch): exempt it from garbage collection, so collections
@@ -201,23 +199,42 @@ def _write_shard(units: list[tuple[str, list[Any]]], shard: str, settings: dict[
         shingled, shingle_counts = dedup.shingle_sets(texts, shingle_size=settings["shingle_size"])
     per_unit = np.fromiter((len(samples) for _, samples in units), dtype=np.int32, count=n)
     samples = [sample for _, unit_samples in units for sample in unit_samples]
-    lines = [_line(sample.input_ids, sample.labels) for sample in samples]
-    with open(shard, "wb") as handle:
-        handle.writelines(lines)  # not joined first: a long document's lines are tens of MB
+    sizes = np.zeros(len(samples), dtype=np.int64)  # bytes of each line
+    with open(shard, "wb") as handle:  # line by line: a long document's lines together are tens of MB
+        for k, sample in enumerate(samples):
+            line = _line(sample.input_ids, sample.labels)
+            handle.write(line)
+            sizes[k] = len(line)
     with open(shard + TOKENS_SUFFIX, "wb") as handle:  # the same samples for the token store: all ids, then labels
-        total = sum(len(s.input_ids) for s in samples)
         for part in ("input_ids", "labels"):
-            values = chain.from_iterable(getattr(s, part) for s in samples)
-            handle.write(np.fromiter(values, dtype=np.int32, count=total).tobytes())
+            handle.write(_int32(getattr(s, part) for s in samples).tobytes())
     return {"exact": exact, "bands": bands, "sigs": sigs, "shingles": shingled, "shingle_counts": shingle_counts,
-            "per_unit": per_unit,
-            "sizes": np.fromiter(map(len, lines), dtype=np.int64, count=len(lines)),  # bytes of each line
+            "per_unit": per_unit, "sizes": sizes,
             "lengths": np.fromiter((len(s.input_ids) for s in samples), dtype=np.int32, count=len(samples)),
             "trainable": np.fromiter((s.trainable for s in samples), dtype=np.int32, count=len(samples))}
 
 
-def _line(ids: list[int], labels: list[int]) -> bytes:
+def _int32(parts: Iterator[list[int] | np.ndarray]) -> np.ndarray:
+    """Samples' ids (or labels) one after another as one int32 array: lists (chats) read as one stream, arrays
+    (raw text) copied as they are."""
+    pieces: list[np.ndarray] = []
+    lists: list[list[int]] = []  # consecutive lists, read together
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            if lists:
+                pieces.append(np.fromiter(chain.from_iterable(lists), dtype=np.int32))
+                lists = []
+            pieces.append(part.astype(np.int32, copy=False))
+        else:
+            lists.append(part)
+    if lists:
+        pieces.append(np.fromiter(chain.from_iterable(lists), dtype=np.int32))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+
+
+def _line(ids: list[int] | np.ndarray, labels: list[int] | np.ndarray) -> bytes:
     """One sample as a JSON line: keys in a fixed order, compact separators (orjson writes exactly what
-    ``json.dumps(..., separators=(",", ":"))`` does for lists of ints), so the same sample gives the same bytes."""
+    ``json.dumps(..., separators=(",", ":"))`` does for lists of ints, and numpy int arrays as those lists), so
+    the same sample gives the same bytes."""
     return orjson.dumps({"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)},
-                        option=orjson.OPT_APPEND_NEWLINE)
+                        option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)

@@ -91,12 +91,12 @@ def ensure_composed(plan: Any) -> ComposeResult:
 
 def load_composed_tokenizer(plan: Any) -> Any:
     """The tokenizer saved by the last compose of this plan (chat template and special tokens included)."""
-    from transformers import AutoTokenizer
+    from impruver.data.tokenizers import load_pretrained
 
     folder = paths_of(plan)["tokenizer"]
     if not (folder / "tokenizer_config.json").is_file():
         raise RunError(f"no composed tokenizer at {folder}: run `impruver compose` first")
-    return AutoTokenizer.from_pretrained(folder)
+    return load_pretrained(folder)
 
 
 def paths_of(plan: Any) -> dict[str, Path]:
@@ -223,12 +223,15 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
     if saved is not None:
         log.info("dataset up to date (fingerprint %s): reusing %s", digest[:12], paths["data"])
         return _result(paths, digest, saved, reused=True)
+    settings = _settings(plan, Path())  # formats chosen (format auto reads the first records) before any folder
+    made = not paths["data"].exists()
     paths["data"].mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
+    settings["tokenizer_dir"] = str(work / TOKENIZER_DIR)
     clock = _Clock()
+    published = False
     try:
         tokenizer = clock("tokenizer", _prepare_tokenizer, plan, work / TOKENIZER_DIR)
-        settings = _settings(plan, work / TOKENIZER_DIR)
         collected = clock("process", _process_sources, plan, settings, work)
         decisions = clock("dedup_split", _decide, plan, collected)
         stats = clock("write", _write_outputs, collected, decisions, work)
@@ -239,8 +242,11 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
                 f"{sum(row['skipped'].values())} skipped, {row['too_long']} too long (max_tokens {plan.max_tokens}), "
                 f"{row['duplicates']} duplicates" for name, row in report["sources"].items()))
         clock("publish", _publish, paths, work, report)
+        published = True
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if made and not published and not any(paths["data"].iterdir()):
+            paths["data"].rmdir()  # a compose that failed leaves no empty data folder behind
     result = _result(paths, digest, report, reused=False)
     result.seconds = clock.seconds
     log.info("composed %d train / %d val samples (%d / %d tokens) in %.1f s: %s", report["train"]["samples"],
@@ -315,18 +321,25 @@ def resolve_format(src: Any, name: str, seed: int) -> tuple[str, dict[str, Any],
         return fmt, {**options, **src.options}, f"LLaMA-Factory formatting '{listed[1].get('formatting', 'alpaca')}'"
     from itertools import islice
 
-    first = []
-    for _, payload in islice(iter_items(src, name=name, seed=seed), 20):
+    first, broken = [], None
+    for where, payload in islice(iter_items(src, name=name, seed=seed), DETECT_RECORDS):
         try:
             first.append(convert.parse_payload(payload))
-        except RecordError:  # a broken record is the converter's to report, with its line
-            continue
+        except RecordError as exc:  # a broken record is the converter's to report, with its line...
+            broken = broken or (where, exc.detail.removeprefix("record: "))
+    if broken and not first:  # ...unless no record is left to choose the format from: then it is the problem
+        raise DataError(f"{broken[0]}: {broken[1]} (source '{name}', format auto). Fix the record: format auto "
+                        f"chooses the format from the first records and could read none of the first "
+                        f"{DETECT_RECORDS} (with the format named, dataset.on_error=skip leaves such records out).")
     try:
         fmt, looks = formats.detect_format(first)
     except RecordError as exc:
         raise DataError(f"{key}.format: auto: {exc.detail}") from None
     log.info("%s: format auto -> %s (the first %d records have %s)", key, fmt, len(first), looks)
     return fmt, dict(src.options), f"detected: {looks}"
+
+
+DETECT_RECORDS = 20  # records format auto reads to choose a source's format
 
 
 def _llamafactory_format(entry: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
@@ -819,9 +832,10 @@ def show_samples(result: ComposeResult, count: int) -> None:
 
         return show_pairs(result, count)
     from rich.text import Text
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(result.tokenizer_dir)
+    from impruver.data.tokenizers import load_pretrained
+
+    tokenizer = load_pretrained(result.tokenizer_dir)
     with result.train_path.open(encoding="utf-8") as handle:
         for n, line in zip(range(count), handle):
             sample = json.loads(line)

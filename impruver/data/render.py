@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from impruver import toolcalls
 from impruver.record import IGNORE_INDEX
 from impruver.data.messages import TRAINABLE_ROLES, Conversation, Message, RecordError
@@ -79,10 +81,13 @@ class SourceOptions:
 class Encoded:
     """One sample: token ids, labels (IGNORE_INDEX where not trained) and how many tokens are trained; for the
     report, how many messages the length policy dropped to fit and how many reasoning blocks the template left
-    out of the text (Qwen3 writes only the reasoning after the last user turn)."""
+    out of the text (Qwen3 writes only the reasoning after the last user turn).
 
-    input_ids: list[int]
-    labels: list[int]
+    A chat's ids and labels are lists; a raw text's are int32 arrays (views of its document's ids, labels the very
+    same array: every token is trained), so a long document costs 4 bytes a token, not a Python int each."""
+
+    input_ids: list[int] | np.ndarray
+    labels: list[int] | np.ndarray
     trainable: int = -1
     dropped_messages: int = 0
     reasoning_dropped: int = 0
@@ -539,10 +544,11 @@ class Encoder:
                     results[n][0].reasoning_dropped = lost[n]
         return results
 
-    def text_ids(self, text: str) -> list[int]:
+    def text_ids(self, text: str) -> np.ndarray:
         """The ids of a long raw text, exactly as one ``encode`` of it gives them, tokenized in windows of
         TEXT_WINDOW characters: a tokenizer's encoding keeps offsets and token strings (~300 bytes a token, 700 MB
-        for a 5 MB document), a window's only a few MB.
+        for a 5 MB document), a window's only a few MB. The ids are kept as int32 arrays, one per window, joined
+        once at the end ((tokens,) int32: 4 bytes a token; a list of Python ints costs ~36).
 
         Each window is cut before a token that starts at whitespace at least TEXT_MARGIN characters before the
         window's end (far from where the window's own end could change the tokens); the next window starts
@@ -550,7 +556,7 @@ class Encoder:
         Where they do not (a tokenizer whose pieces depend on where the text starts), the text is tokenized whole.
         """
         whole = len(text)
-        out: list[int] = []
+        out: list[np.ndarray] = []  # (window tokens,) int32 each
         expected: list[int] = []  # the previous window's tokens from the cut on
         position = 0
         while True:
@@ -558,17 +564,21 @@ class Encoder:
             encoding = self.encode_texts([window])[0]
             ids = encoding.ids
             if expected and ids[:len(expected)] != expected:
-                return list(self.encode_texts([text])[0].ids)  # not splittable here: exact, whole
+                return self._whole_ids(text)  # not splittable here: exact, whole
             if position + len(window) >= whole:
-                out += ids
-                return out
+                out.append(np.array(ids, dtype=np.int32))
+                return np.concatenate(out)
             offsets = encoding.offsets
             cut = self._cut(window, offsets, len(window) - TEXT_MARGIN)
             if cut is None:
-                return list(self.encode_texts([text])[0].ids)
-            out += ids[:cut]
+                return self._whole_ids(text)
+            out.append(np.array(ids[:cut], dtype=np.int32))
             expected = ids[cut:cut + TEXT_CHECK]
             position += offsets[cut][0]
+
+    def _whole_ids(self, text: str) -> np.ndarray:
+        """One encode of the whole text, as int32."""
+        return np.array(self.encode_texts([text])[0].ids, dtype=np.int32)
 
     @staticmethod
     def _cut(window: str, offsets: list[tuple[int, int]], limit: int) -> int | None:
@@ -635,19 +645,23 @@ class Encoder:
         sample.dropped_messages = len(original["messages"]) - len(conversation["messages"])
         return [sample]
 
-    def _chunks(self, ids: list[int], options: SourceOptions) -> list[Encoded] | RecordError:
-        """Raw text: all tokens trained, an EOS closing the document, cut into max_tokens pieces."""
-        ids = ids if isinstance(ids, list) else list(ids)  # Encoding.ids and text_ids give a fresh list: ours
-        if self.eos_id is not None:
-            ids.append(self.eos_id)
-        room = options.max_tokens - (1 if options.add_bos and self.bos_id is not None else 0)
+    def _chunks(self, ids: list[int] | np.ndarray, options: SourceOptions) -> list[Encoded] | RecordError:
+        """Raw text: all tokens trained, an EOS closing the document, cut into max_tokens pieces. The pieces are
+        int32 views of one array (the document's ids, BOS before each piece where asked), each piece its own
+        labels: no per-token Python objects, whatever the document's length."""
+        bos = self.bos_id if options.add_bos and self.bos_id is not None else None
+        eos = [] if self.eos_id is None else [self.eos_id]
+        ids = np.concatenate([np.asarray(ids, dtype=np.int32), np.array(eos, dtype=np.int32)])  # (tokens,)
+        room = options.max_tokens - (bos is not None)
+        if bos is not None:  # a BOS column before each row of room tokens, then the rows read back in order
+            starts = np.arange(0, len(ids), room)
+            ids = np.insert(ids, starts, bos)
+            room += 1
         out = []
         for start in range(0, len(ids), room):
             piece = ids[start:start + room]
-            if options.add_bos and self.bos_id is not None:
-                piece = [self.bos_id, *piece]
             if len(piece) > 1:
-                out.append(Encoded(piece, list(piece)))
+                out.append(Encoded(piece, piece, len(piece)))
         return out or RecordError("empty_text", "no tokens")
 
 

@@ -1,7 +1,7 @@
 """Tokenizer builders (``tokenizer.builder``) and the plan's tokenizer with its chat template attached.
 
-* ``hf``: a tokenizer from a local folder or a Hub id (``AutoTokenizer``, or the user's own class via
-  ``class_path``); remote code only when ``trust_remote_code`` is set.
+* ``hf``: a tokenizer from a local folder or a Hub id (``AutoTokenizer``'s choice, see :func:`load_pretrained`,
+  or the user's own class via ``class_path``); remote code only when ``trust_remote_code`` is set.
 * ``bpe``: a byte-level BPE that impruver trains on the composed conversations (for models built from scratch),
   with ``<pad>`` (0), ``<s>`` (1), ``</s>`` (2), ``<unk>`` (3); saved, it loads with ``AutoTokenizer``.
 
@@ -48,13 +48,11 @@ def hf_tokenizer(
     from impruver.hub import hub_unreachable, is_local, require_reachable
 
     require_reachable(path, "tokenizer", "tokenizer.path")
-    loader = _import_class(class_path) if class_path else None
-    if loader is None:
-        from transformers import AutoTokenizer
-
-        loader = AutoTokenizer
     try:
-        return loader.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        if class_path:
+            return _import_class(class_path).from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                             revision=revision)
+        return load_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as exc:
         if not is_local(path):
             raise hub_unreachable(path, "tokenizer", "tokenizer.path", exc) from None
@@ -82,6 +80,55 @@ def bpe_tokenizer(*, texts: Iterable[str], vocab_size: int = 4096, min_frequency
     )
     core.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, **BPE_SPECIAL_TOKENS)
+
+
+def load_pretrained(path: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``, without importing torch where AutoTokenizer's choice is plain.
+
+    transformers' ``AutoTokenizer`` module imports its model configurations, and through them torch (about 190 MB
+    of a process's memory, a few seconds of start-up): compose, its workers and everything before training need
+    none of it. For a local tokenizer folder without a model ``config.json`` and without remote code,
+    AutoTokenizer takes the class that ``tokenizer_config.json`` names (``...Fast`` dropped, a Python-backend or
+    unknown class read by the generic fast backend); that class is taken here directly, from transformers' own
+    namespace, whose lazy imports reach only that model's tokenization module. Any other folder (a model folder,
+    whose ``model_type`` may override the class; a Hub id; remote code; LlamaTokenizer, which AutoTokenizer
+    swaps for byte-level files) goes through AutoTokenizer itself. Same class, same files: the same tokenizer.
+    """
+    plain = _plain_tokenizer_class(path) if not trust_remote_code else None
+    if plain is not None:
+        return plain.from_pretrained(path, revision=revision)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+
+
+def _plain_tokenizer_class(path: str | Path) -> Any | None:
+    """The class AutoTokenizer would take for a plain local tokenizer folder (see :func:`load_pretrained`), or
+    None where its choice depends on more than ``tokenizer_config.json``'s ``tokenizer_class``."""
+    folder = Path(path).expanduser()
+    config_path = folder / "tokenizer_config.json"
+    if not folder.is_dir() or (folder / "config.json").exists() or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # AutoTokenizer gives its own message
+    name = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if not isinstance(name, str) or "auto_map" in config:
+        return None
+    name = name.removesuffix("Fast")  # as AutoTokenizer does: v5 has one (fast) class per model
+    if name in ("LlamaTokenizer", "BloomTokenizer"):  # AutoTokenizer's special cases
+        return None
+    import transformers
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if name in ("TokenizersBackend", "PreTrainedTokenizer"):  # the generic fast backend, under either name
+        return TokenizersBackend
+    found = getattr(transformers, name, None)
+    if isinstance(found, type) and issubclass(found, TokenizersBackend) and \
+            found.__module__.startswith("transformers.models."):
+        return found
+    return None
 
 
 hf_tokenizer.needs_texts = False  # type: ignore[attr-defined]  # loaded, not trained
