@@ -27,7 +27,7 @@ from impruver.train.data import pack
 
 Tokenized = dict[str, Any]  # {"input_ids": [...], "labels": [...]}
 REF_LOGPS = "ref_logps"  # a pair's precomputed reference log-probs: [chosen sum, rejected sum]
-ROUND = 8  # row widths are multiples of this (tensor-core and vector-unit friendly)
+ROUND = 64  # row widths are multiples of this: tile-friendly, and short sequences can still share a row
 
 
 def collate_sequences(sequences: Sequence[Tokenized], *, pad_id: int, seq_len: int | None,
