@@ -528,8 +528,11 @@ def model_sequence_logps(model: Any, input_ids: Tensor, position_ids: Tensor, ta
     """Per-sequence summed log-probs of a causal LM on packed rows [rows, length].
 
     The head runs on target positions only when the family allows it (``impruver.train.loss.targets_only``):
-    no [tokens x vocabulary] logits for prompts; otherwise the model's own forward and full logits.
+    no [tokens x vocabulary] logits for prompts, and those of the targets are taken chunk by chunk, never all
+    kept for the backward pass (:func:`impruver.train.head_logps.head_token_logps`); otherwise the model's own
+    forward and full logits.
     """
+    from impruver.train.head_logps import head_token_logps
     from impruver.train.loss import targets_only
 
     inputs: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
@@ -540,8 +543,9 @@ def model_sequence_logps(model: Any, input_ids: Tensor, position_ids: Tensor, ta
         return sequence_logps(out.logits, targets, sequence_ids, n_sequences)
     hidden = model.get_decoder()(**inputs).last_hidden_state  # [rows, length, hidden]
     keep = targets.reshape(-1) != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[keep])  # [targets, vocab]
-    return _gather(token_logps(logits, targets.reshape(-1)[keep]), sequence_ids.reshape(-1)[keep], n_sequences)
+    per_token = head_token_logps(model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1])[keep],
+                                 targets.reshape(-1)[keep])  # [targets]
+    return _gather(per_token, sequence_ids.reshape(-1)[keep], n_sequences)
 
 
 def _gather(per_token: Tensor, index: Tensor, n_sequences: int) -> SequenceLogps:
