@@ -1,26 +1,48 @@
 """Benchmark DPO with LoRA: impruver's preference recipe next to ``trl.DPOTrainer`` on the same pairs and model.
 
-    HF_HUB_OFFLINE=1 python bench/preference.py                       # CPU: a tiny GPT-2 (4 x 256), ~a minute
+    HF_HUB_OFFLINE=1 python bench/preference.py                       # CPU: a tiny GPT-2 (4 x 256), ~2 minutes
     HF_HUB_OFFLINE=1 python bench/preference.py --shape 760m --steps 30 --batch 8   # on a GPU: ruGPT-3 Large's shape
     HF_HUB_OFFLINE=1 python bench/preference.py --data ../shared/data/preference/llamafactory_dpo_en_demo.json \
         --format sharegpt_preference --vocab 8192        # long answers of mixed lengths: where padding costs
 
 Both sides train the same model (a GPT-2 with random weights built and saved here, with a byte-level BPE trained on
 the pairs and a chat template), with the same LoRA (r 16 on c_attn, c_proj, c_fc), the same DPO loss (beta 0.1,
-sigmoid), learning rate, batch size (pairs per step) and number of steps, on the demo's preference pairs
-(``impruver/assets/demo/preferences.jsonl``, TRL's conversational prompt / chosen / rejected format). Each runs in
-its own process so that its peak memory is its own. The reference is the model with the adapter disabled on both
-sides. ``--data`` / ``--format`` take any file impruver reads as pairs (converted to TRL's format for TRL).
+sigmoid), learning rate and batch size (pairs per step), on the demo's preference pairs
+(``impruver/assets/demo/preferences.jsonl``, TRL's conversational prompt / chosen / rejected format) or ``--data``
+in any of impruver's preference formats (converted to TRL's format for TRL). Each runs in its own process, so that
+its memory is its own. The reference is the model with the adapter disabled on both sides, and both train with the
+model's dropout off (TRL's ``disable_dropout``, impruver's preference recipe).
 
-What differs is how the work is done: impruver packs both answers of every pair of a step into ``seq_len``-token
-rows (each scored as its own sequence), runs the output head on answer tokens only, and gets the reference from the
-same packed rows with the adapter disabled; TRL pads chosen and rejected answers to the batch's longest and
-computes full logits.
+Same work on both sides: the first ``steps x batch`` distinct pairs whose both conversations fit 1,024 tokens are
+kept, so neither side drops, deduplicates or truncates any (compose's report is checked), and each side trains
+exactly one epoch over them (``steps`` optimizer steps), each in its own shuffled order. Useful tokens are counted
+from the batches each side actually consumed (impruver's collate, TRL's collator): prompt + chosen and prompt +
+rejected per pair, no padding. Both sides' per-pair counts are printed, sorted, and must agree (exit 1 otherwise):
+the two tokenizations (impruver's renderer, TRL's ``apply_chat_template``) give the same tokens.
 
-Printed as JSON: for each tool, useful tokens per second (the real tokens of the pairs processed, prompt counted once
-per answer, no padding, divided by the training loop's wall time), peak memory (GPU: ``max_memory_allocated``;
-CPU: the process's peak RSS) and the last loss; and ``ratio`` = impruver's tokens/s over TRL's,
-``memory_ratio`` = impruver's peak over TRL's.
+What differs is how the work is done. impruver packs both answers of every pair of a step into rows as wide as the
+step's longest sequence (each scored as its own sequence, no attention across them), runs the output head over
+chunks of answer tokens only (with the head frozen, each token's gradient is worked out in the same pass: no
+[tokens x vocabulary] logits kept for the backward pass), uses a fused kernel for GPT-2's GELU, and gets the
+reference from the same packed rows with the adapter disabled under no_grad. TRL 1.16 pads chosen and rejected
+answers to the batch's longest ([2 x batch, longest]) and runs its tiled ``fused_lm_head`` on answer tokens.
+
+Printed as JSON, for each tool: useful tokens per second (divided by the training loop's wall time), the pairs
+consumed, memory held when its training loop started, the loop's peak (GPU: ``max_memory_allocated``; CPU: the peak
+RSS, reset when the loop starts), the growth between the two, the whole process's peak RSS (loading and saving
+included) and the last loss; then ``same_pairs_and_tokens``, ``tokens_per_pair``, ``ratio`` = impruver's tokens/s
+over TRL's, ``memory_ratio`` = impruver's loop peak over TRL's and ``growth_ratio``.
+
+Measured on the CPU (2 cores shared with other work, load average 6 to 7; each command twice), impruver / TRL:
+
+    --data llamafactory_dpo_en_demo.json --format sharegpt_preference --vocab 8192 --steps 6 --batch 8
+        48 pairs, 39,631 useful tokens on both sides (178 to 1,815 per pair)
+        568 / 177 tok/s = 3.20x, loop peak RSS 1,890 / 2,491 MiB = 0.76x
+        545 / 178 tok/s = 3.06x, loop peak RSS 1,961 / 2,199 MiB = 0.89x
+    (defaults: the demo's pairs, --steps 20 --batch 8)
+        160 pairs, 8,030 useful tokens on both sides (about 50 per pair: short chats, nothing to unpad)
+        167 / 175 tok/s = 0.96x, loop peak RSS 536 / 614 MiB = 0.87x
+        237 / 197 tok/s = 1.20x, loop peak RSS 534 / 606 MiB = 0.88x
 """
 
 from __future__ import annotations
