@@ -27,6 +27,7 @@ from impruver.train.data import pack
 
 Tokenized = dict[str, Any]  # {"input_ids": [...], "labels": [...]}
 REF_LOGPS = "ref_logps"  # a pair's precomputed reference log-probs: [chosen sum, rejected sum]
+ROUND = 64  # row widths are multiples of this: tile-friendly, and short sequences can still share a row
 
 
 def collate_sequences(sequences: Sequence[Tokenized], *, pad_id: int, seq_len: int | None,
@@ -35,17 +36,23 @@ def collate_sequences(sequences: Sequence[Tokenized], *, pad_id: int, seq_len: i
     ``n_sequences``, and ``attention_mask`` when rows are padded single sequences rather than packed ones.
 
     ``targets[t]`` is the label of position t + 1 of the same sequence (IGNORE_INDEX at each sequence's last
-    token, on prompts and on padding). Packed rows hold at most ``seq_len`` tokens (best-fit, as SFT packs).
+    token, on prompts and on padding). Packed rows are as wide as the longest sequence (rounded up to ``ROUND``,
+    at most ``seq_len``), filled best-fit as SFT packs; padded rows hold one sequence each.
     """
     lengths = np.array([len(s[INPUT_IDS]) for s in sequences])
+    longest = int(lengths.max())
+    width = -(-longest // ROUND) * ROUND
     if packed:
-        if seq_len is None or int(lengths.max()) > seq_len:
-            raise ValueError(f"packed preference rows need seq_len >= the longest sequence ({int(lengths.max())})")
-        rows = pack(lengths, seq_len)
-        width = seq_len
+        if seq_len is None or longest > seq_len:
+            raise ValueError(f"packed preference rows need seq_len >= the longest sequence ({longest})")
+        # Rows as wide as the batch's longest sequence, not seq_len: attention costs width^2 per row (on the CPU and
+        # with SDPA a packed row is one masked square, the masked-out part computed too) and every padded slot runs
+        # through every layer, so the narrowest rows that hold each sequence whole are the cheapest; best-fit fills
+        # them with the shorter ones.
+        width = min(width, seq_len)
+        rows = pack(lengths, width)
     else:
         rows = [[i] for i in range(len(sequences))]
-        width = -(-int(lengths.max()) // 8) * 8
     shape = (len(rows), width)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     targets = np.full(shape, IGNORE_INDEX, dtype=np.int64)
