@@ -84,10 +84,13 @@ def demo_dpo(default_job: tuple[Path, str], module_env: dict[str, str]) -> tuple
 @pytest.fixture(scope="module")
 def demo_lora_dpo(default_job: tuple[Path, str], module_env: dict[str, str]) -> tuple[Path, str]:
     """LoRA DPO on the same output for a few steps (the reference: the model with its adapter disabled); a high
-    learning rate so that the adapter moves the weights visibly; no check at the end."""
+    learning rate so that the adapter moves the weights visibly; no check at the end. `method.builder=lora`, not
+    `method=lora`: the demo's DPO preset sets `method.builder: full` after the method group is merged (Hydra refuses
+    a group override in a config chosen by interpolation), and would turn the chosen lora group back into full."""
     sft, _ = default_job
     out = sft.with_name("demo-lora-dpo")
-    done = impruver("preset=demo", "objective=dpo", "method=lora", "objective.reference=model", f"model.path={sft}",
+    done = impruver("preset=demo", "objective=dpo", "method.builder=lora", "objective.reference=model",
+                    f"model.path={sft}",
                     f"output_dir={out}", "train.max_steps=3", "train.lr=1e-2", "eval.questions=null",
                     env=module_env, cwd=out.parent, timeout=600)
     return out, done.stdout + done.stderr
@@ -150,6 +153,7 @@ def test_chat_serve_and_gguf_export_work_on_preference_outputs(run: str, request
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from impruver.chat.load import load
+    from impruver.jobs import run_stage
     from impruver.layout import RunLayout
 
     out, _ = request.getfixturevalue(run)
@@ -169,7 +173,7 @@ def test_chat_serve_and_gguf_export_work_on_preference_outputs(run: str, request
                                                      max_tokens=16)
     assert answer.choices[0].message.content == expected
 
-    impruver("export", f"output_dir={out}", "--gguf", "f16", env=module_env, cwd=out.parent)
+    run_stage("export", plan, gguf="f16")  # `impruver export --gguf f16` in this process (its flags: test_gguf_runs)
     standalone = layout.merged if adapter else out  # an adapter is merged into its base first
     gguf = layout.gguf / f"{out.name}-f16.gguf"
     model, tok = AutoModelForCausalLM.from_pretrained(standalone).eval(), AutoTokenizer.from_pretrained(standalone)
@@ -179,3 +183,7 @@ def test_chat_serve_and_gguf_export_work_on_preference_outputs(run: str, request
         want = model.generate(torch.tensor([ids]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                               pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     assert _greedy(llm, ids) == want
+    if adapter:  # the adapter moved the weights: the merged model is not its SFT base
+        sft = AutoModelForCausalLM.from_pretrained(request.getfixturevalue("default_job")[0]).eval()
+        with torch.no_grad():
+            assert not torch.allclose(model(torch.tensor([ids])).logits, sft(torch.tensor([ids])).logits, atol=1e-3)
