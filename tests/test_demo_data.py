@@ -224,3 +224,56 @@ def test_heldout_answers_are_correct(heldout: list[dict]) -> None:
             country, capital = re.fullmatch(r"(?:The capital of (.+) is|Столица (.+) —) (.+)\.", answer).group(1, 3) \
                 if answer.startswith("The") else re.fullmatch(r"Столица (.+) — (.+)\.", answer).groups()
             assert country in asked and capitals[country] == capital
+
+
+# -- the demo's preference pairs (impruver/assets/demo/preferences.jsonl, make_preferences) ------------------------
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict]:
+    return [json.loads(line) for line in _demo_bytes("preferences.jsonl").decode("utf-8").splitlines()]
+
+
+def test_preference_pairs_regenerate_byte_identical(tmp_path: Path) -> None:
+    from impruver.assets.demo import make_preferences
+
+    assert make_preferences.render().encode("utf-8") == _demo_bytes("preferences.jsonl")
+    out = tmp_path / "preferences.jsonl"
+    env = {**os.environ, "PYTHONHASHSEED": "3"}  # set/dict order must not leak into the output
+    subprocess.run([sys.executable, "-m", "impruver.assets.demo.make_preferences", "--out", str(out)], check=True,
+                   env=env, capture_output=True)
+    assert out.read_bytes() == _demo_bytes("preferences.jsonl")
+    assert make_preferences.main(["--check", "--out", str(out)]) == 0
+    out.write_bytes(b"stale\n")
+    assert make_preferences.main(["--check", "--out", str(out)]) == 1
+
+
+def test_preference_pairs_prefer_what_the_demo_teaches(records: list[dict], pairs: list[dict]) -> None:
+    """Judged by the demo's chats (whose facts the tests above check): every chosen answer is a sentence the chats
+    teach, the answer to the same question where the chats ask it; no rejected answer is taught anywhere."""
+    taught = set(_assistant_texts(records))
+    answer_of: dict[str, set[str]] = {}
+    for r in records:
+        m = r["messages"]
+        for question, reply in zip(m, m[1:]):
+            if question["role"] == "user" and reply["role"] == "assistant":
+                answer_of.setdefault(question["content"], set()).add(reply["content"])
+    assert 400 <= len(pairs) <= 600 and {p["lang"] for p in pairs} == {"en", "ru"}
+    asked_in_chats = 0
+    for p in pairs:
+        assert set(p) == {"prompt", "chosen", "rejected", "kind", "lang"}
+        (question,), (chosen,), (rejected,) = p["prompt"], p["chosen"], p["rejected"]
+        assert (question["role"], chosen["role"], rejected["role"]) == ("user", "assistant", "assistant")
+        assert chosen["content"] in taught and rejected["content"] not in taught, p
+        if question["content"] in answer_of:
+            assert answer_of[question["content"]] == {chosen["content"]}, p
+            asked_in_chats += 1
+    assert asked_in_chats >= len(pairs) // 2
+    ops = {"+": lambda a, b: a + b, "×": lambda a, b: a * b}
+    sums = [p for p in pairs if p["kind"] == "arithmetic"]
+    assert len(sums) >= 200
+    for p in sums:  # and checked directly: only the result differs, and only the chosen one is right
+        (a, op, b, c), (a2, op2, b2, wrong) = (re.fullmatch(r"(\d+) ([+×]) (\d+) = (\d+)\.", p[s][0]["content"])
+                                               .groups() for s in ("chosen", "rejected"))
+        assert (a, op, b) == (a2, op2, b2) and f"{a} {op} {b}" in p["prompt"][0]["content"]
+        assert ops[op](int(a), int(b)) == int(c) != int(wrong)
