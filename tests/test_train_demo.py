@@ -140,7 +140,7 @@ QUESTION = [{"role": "user", "content": "What is 7 + 5?"}]
 
 @pytest.mark.parametrize("run", ["demo_dpo", "demo_lora_dpo"])
 def test_chat_serve_and_gguf_export_work_on_preference_outputs(run: str, request: pytest.FixtureRequest,
-                                                               module_env: dict[str, str]) -> None:
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """What a preference run leaves (a full model; a LoRA adapter on the SFT model) is used as any run's output:
     `impruver chat` answers as transformers' greedy generate does, `impruver serve` answers the official openai
     client the same, and `impruver export --gguf f16` (the adapter merged first) writes a file llama.cpp loads
@@ -160,12 +160,15 @@ def test_chat_serve_and_gguf_export_work_on_preference_outputs(run: str, request
     layout = RunLayout.of(out)
     adapter = (out / "adapter_config.json").is_file()
     assert adapter == (run == "demo_lora_dpo")
-    chat = impruver("chat", f"output_dir={out}", "chat.do_sample=false", "chat.max_new_tokens=16", "--prompt",
-                    QUESTION[0]["content"], env=module_env, cwd=out.parent)
+    # `impruver chat output_dir=... chat.do_sample=false --prompt ...`, in this process (the command line's own path
+    # is test_chat_demo's): one process start less per output
     plan = chat_plan(out, "chat.max_new_tokens=16")
+    capsys.readouterr()
+    run_stage("chat", plan, prompt=QUESTION[0]["content"])
+    printed = capsys.readouterr().out
     loaded = load(plan)
     expected = direct_reply(loaded.model, loaded.tokenizer, QUESTION, max_new_tokens=16)
-    assert chat.stdout == f"{expected}\n"
+    assert printed == f"{expected}\n"
     if not adapter:
         assert expected == "7 + 5 = 12."  # the DPO'd demo still answers what its SFT run taught
     with serving(loaded, plan.chat) as url:
