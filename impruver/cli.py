@@ -330,14 +330,13 @@ def _job_runner(invocation: Invocation, multirun: bool) -> Any:
     from impruver.ui import is_main_process
 
     def run(stage: str, plan: Any, overrides: list[str], **flags: Any) -> Any:
-        own = stage in TRAINING_STAGES and not multirun and is_main_process()
-        if own:
-            from impruver.commands import record_last_run
+        if not (stage in TRAINING_STAGES and not multirun and is_main_process()):
+            return run_job(stage, plan, overrides, **flags)
+        from impruver.commands import recording_last_run
 
-            record_last_run(plan.output_dir, invocation)
-        result = run_job(stage, plan, overrides, **flags)
-        if own:
-            _after_training(plan, invocation)
+        with recording_last_run(plan.output_dir, invocation):
+            result = run_job(stage, plan, overrides, **flags)
+        _after_training(plan, invocation)
         return result
 
     return run

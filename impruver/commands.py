@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,40 @@ def record_last_run(output_dir: str, invocation: Invocation) -> None:
         pass
 
 
+@contextmanager
+def recording_last_run(output_dir: str, invocation: Invocation) -> Iterator[None]:
+    """:func:`record_last_run` for the block; when the run fails and leaves no folder behind (it failed before
+    writing anything: bad data, a busy folder), the record it replaced is put back, and an ``outputs/`` folder the
+    record alone created is removed: a run that never ran is not "the last run", and nothing is left behind."""
+    root = LAST_RUN.parent
+    had_root = root.is_dir()
+    try:
+        previous: bytes | None = LAST_RUN.read_bytes()
+    except OSError:
+        previous = None
+    record_last_run(output_dir, invocation)
+    try:
+        yield
+    except BaseException:
+        if not Path(output_dir).exists():
+            _restore_last_run(previous, remove_root=not had_root)
+        raise
+
+
+def _restore_last_run(previous: bytes | None, *, remove_root: bool) -> None:
+    from impruver.files import atomic_write_bytes
+
+    try:
+        if previous is not None:
+            atomic_write_bytes(LAST_RUN, previous)
+            return
+        LAST_RUN.unlink(missing_ok=True)
+        if remove_root and LAST_RUN.parent.is_dir() and not any(LAST_RUN.parent.iterdir()):
+            LAST_RUN.parent.rmdir()
+    except OSError:  # a read-only working folder: the record was never written either
+        pass
+
+
 def last_run() -> LastRun | None:
     """The record of the last run, or None (none yet, or unreadable)."""
     try:
@@ -152,4 +187,4 @@ def reuse_last_run(overrides: Sequence[str]) -> tuple[str | None, list[str], str
 
 
 __all__ = ["Invocation", "LAST_RUN", "LastRun", "command", "current", "last_run", "next_commands",
-           "record_last_run", "reuse_last_run", "set_current"]
+           "record_last_run", "recording_last_run", "reuse_last_run", "set_current"]

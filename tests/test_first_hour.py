@@ -155,6 +155,24 @@ def test_train_first_suggestion_names_the_same_recipe(tmp_path: Path) -> None:
     assert plan["output_dir"] == folder and plan["model"]["path"] == "ai-forever/ruGPT-3.5-13B"
 
 
+def test_a_run_that_fails_before_writing_anything_is_not_the_last_run(tmp_path: Path, monkeypatch) -> None:
+    """The record of the last run is written before training (so a killed run is found); a run that fails leaving
+    no folder puts back the record it replaced; one that leaves its folder (checkpoints to resume) keeps its own."""
+    from impruver.commands import LAST_RUN, Invocation, last_run, recording_last_run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "good").mkdir(parents=True)
+    previous = Invocation(overrides=("output_dir=outputs/good",))
+    with recording_last_run("outputs/good", previous):
+        pass
+    with pytest.raises(RuntimeError), recording_last_run("outputs/bad", Invocation(overrides=("data=x.jsonl",))):
+        raise RuntimeError("failed before writing anything")
+    assert last_run().output_dir == "outputs/good"
+    with pytest.raises(RuntimeError), recording_last_run("outputs/good", Invocation(overrides=("train.lr=1",))):
+        raise RuntimeError("failed after writing checkpoints")
+    assert last_run().overrides == ["train.lr=1"] and LAST_RUN.is_file()
+
+
 def test_a_killed_run_is_told_apart_from_a_running_one(tmp_path: Path) -> None:
     """After `kill -9` chat suggests resuming (its lock names a dead pid); a live run's lock says "writing it"."""
     from impruver.chat.load import locate
