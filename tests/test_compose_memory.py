@@ -46,22 +46,32 @@ def test_a_long_text_gets_exactly_the_ids_of_one_encode(name: str, tmp_path: Pat
         assert len(encoded_lengths) > 20 and max(encoded_lengths) <= 3000
 
 
-@needs_shared
-def test_a_long_document_composes_to_the_chunks_of_its_whole_encoding(tmp_path: Path, monkeypatch) -> None:
+def _compose_long_document(tmp_path: Path, monkeypatch, chars: int, *, dedup: object = None,
+                           add_bos: bool = False) -> tuple[object, list[int], object]:
+    """One real text of ``chars`` characters as a raw-text source, composed in 128-token pieces with 4,000-character
+    tokenizer windows: (the GPT-2 tokenizer, the whole text's ids + EOS, the compose result)."""
     from impruver.data import pipeline
-    from impruver.plan import DatasetSpec, DedupSpec, SourceSpec
+    from impruver.plan import DatasetSpec, SourceSpec
     from test_train_support import tiny_plan
 
-    text = real_text(40_000)
+    text = real_text(chars)
     (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
     tok = gpt2_tokenizer()
     tok.save_pretrained(tmp_path / "gpt2")
     monkeypatch.setattr(render, "TEXT_WINDOW", 4000)
     plan = tiny_plan(tmp_path / "out", tokenizer_path=str(tmp_path / "gpt2"))
-    dataset = DatasetSpec(sources={"doc": SourceSpec(path=str(tmp_path / "doc.jsonl"), format="text")},
-                          val_size=0, max_tokens=128, num_proc=1, dedup=DedupSpec(near=True))
+    source = SourceSpec(path=str(tmp_path / "doc.jsonl"), format="text", add_bos=add_bos)
+    dataset = DatasetSpec(sources={"doc": source}, val_size=0, max_tokens=128, num_proc=1,
+                          **({"dedup": dedup} if dedup is not None else {}))
     result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
-    ids = [*tok.backend_tokenizer.encode(text, add_special_tokens=False).ids, tok.eos_token_id]
+    return tok, [*tok.backend_tokenizer.encode(text, add_special_tokens=False).ids, tok.eos_token_id], result
+
+
+@needs_shared
+def test_a_long_document_composes_to_the_chunks_of_its_whole_encoding(tmp_path: Path, monkeypatch) -> None:
+    from impruver.plan import DedupSpec
+
+    tok, ids, result = _compose_long_document(tmp_path, monkeypatch, 40_000, dedup=DedupSpec(near=True))
     reference = [ids[i:i + 128] for i in range(0, len(ids), 128)]
     reference = [piece for piece in reference if len(piece) > 1]
     lines = [json.loads(line) for line in result.train_path.read_text().splitlines()]
@@ -186,22 +196,9 @@ def test_a_long_texts_ids_cost_bytes_per_token_not_python_ints(monkeypatch) -> N
 def test_a_long_documents_lines_and_store_hold_the_same_ids_as_json_of_lists(tmp_path: Path, monkeypatch) -> None:
     """Raw-text samples serialized from int32 arrays: the JSONL lines are byte for byte what json.dumps writes for
     the same ids as lists, and the token store holds the same ids (a BOS before each piece here)."""
-    from impruver.data import pipeline
     from impruver.data.store import open_store
-    from impruver.plan import DatasetSpec, SourceSpec
-    from test_train_support import tiny_plan
 
-    text = real_text(30_000)
-    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
-    tok = gpt2_tokenizer()
-    tok.save_pretrained(tmp_path / "gpt2")
-    monkeypatch.setattr(render, "TEXT_WINDOW", 4000)
-    plan = tiny_plan(tmp_path / "out", tokenizer_path=str(tmp_path / "gpt2"))
-    dataset = DatasetSpec(sources={"doc": SourceSpec(path=str(tmp_path / "doc.jsonl"), format="text",
-                                                     add_bos=True)},
-                          val_size=0, max_tokens=128, num_proc=1)
-    result = pipeline.compose(plan.model_copy(update={"dataset": dataset}))
-    ids = [*tok.backend_tokenizer.encode(text, add_special_tokens=False).ids, tok.eos_token_id]
+    tok, ids, result = _compose_long_document(tmp_path, monkeypatch, 30_000, add_bos=True)
     pieces = _chunks_reference(ids, tok.bos_token_id, None, 128)
     lines = result.train_path.read_bytes().splitlines(keepends=True)
     assert lines == [(json.dumps({"input_ids": p, "labels": p, "attention_mask": [1] * len(p)},
