@@ -99,6 +99,20 @@ def fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str, co
                     "record, or set dataset.on_error=skip to count and leave out such records.")
 
 
+# Encoding outcomes that are counts in the report, not errors: the sample does not fit, or trains on nothing.
+_COUNTED = {"too_long": "too_long", "no_trainable_tokens": "no_trainable"}
+
+
+def count_or_fail(exc: RecordError, where: str, source: dict[str, Any], on_error: str,
+                  counts: dict[str, Any]) -> None:
+    """A record the encoder refused: a length or no-trainable-token count, else :func:`fail`."""
+    key = _COUNTED.get(exc.reason)
+    if key is not None:
+        counts[key] += 1
+    else:
+        fail(exc, where, source, on_error, counts)
+
+
 def parse_payload(payload: Any) -> dict[str, Any]:
     """A record from a JSON line (bytes or text) or a record dict.
 
@@ -165,12 +179,7 @@ def process_chunk(task: tuple[int, str, list[tuple[str, Any]], str]) -> dict[str
     units: list[tuple[str, list[Any]]] = []
     for (where, conversation), result in zip(converted, encoded):
         if isinstance(result, RecordError):
-            if result.reason == "too_long":
-                counts["too_long"] += 1
-            elif result.reason == "no_trainable_tokens":
-                counts["no_trainable"] += 1
-            else:
-                fail(result, where, source, settings["on_error"], counts)
+            count_or_fail(result, where, source, settings["on_error"], counts)
             continue
         for sample in result:  # what the length policy and the template left out, for the report
             counts["truncated"] += sample.dropped_messages > 0

@@ -498,12 +498,7 @@ def _source_units(plan: Any, name: str, spec: Any, source: dict[str, Any], on_er
             record = {**record, "prompt": _with_system(_system_of(source), record["prompt"])}
             encoded = (encode_pair if kind == PAIR else encode_labelled)(encoder, record, source["render"])
             if isinstance(encoded, RecordError):
-                if encoded.reason == "too_long":
-                    counts["too_long"] += 1
-                elif encoded.reason == "no_trainable_tokens":
-                    counts["no_trainable"] += 1
-                else:
-                    convert.fail(encoded, where, source, on_error, counts)
+                convert.count_or_fail(encoded, where, source, on_error, counts)
                 continue
             units.append({"source": name, "line": encoded, "key": dedup.exact_key(_dedup_text(record))})
     return counts
