@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import math
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 
@@ -534,11 +533,12 @@ def model_sequence_logps(model: Any, input_ids: Tensor, position_ids: Tensor, ta
     forward and full logits.
     """
     from impruver.train.head_logps import head_token_logps
+    from impruver.train.loss import targets_only
 
     inputs: dict[str, Any] = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask
-    if not _head_on_targets(model):
+    if not targets_only(model):
         out = model(**inputs)
         return sequence_logps(out.logits, targets, sequence_ids, n_sequences)
     hidden = model.get_decoder()(**inputs).last_hidden_state  # [rows, length, hidden]
@@ -546,23 +546,6 @@ def model_sequence_logps(model: Any, input_ids: Tensor, position_ids: Tensor, ta
     per_token = head_token_logps(model.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1])[keep],
                                  targets.reshape(-1)[keep])  # [targets]
     return _gather(per_token, sequence_ids.reshape(-1)[keep], n_sequences)
-
-
-_HEAD_ON_TARGETS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def _head_on_targets(model: Any) -> bool:
-    """``targets_only(model)``, asked once per model: the family lookup behind it reads the registry (about 25 ms,
-    twice per step with a reference pass: 3% of a small model's step)."""
-    from impruver.train.loss import targets_only
-
-    try:
-        return _HEAD_ON_TARGETS[model]
-    except KeyError:
-        answer = _HEAD_ON_TARGETS[model] = targets_only(model)
-        return answer
-    except TypeError:  # not weak-referenceable: ask each time
-        return targets_only(model)
 
 
 def _gather(per_token: Tensor, index: Tensor, n_sequences: int) -> SequenceLogps:
