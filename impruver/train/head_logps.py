@@ -30,7 +30,9 @@ def head_token_logps(head: Any, hidden: Tensor, targets: Tensor) -> Tensor:
     weight, bias = _linear_parts(head)
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     if weight is None or (needs_grad and (weight.requires_grad or (bias is not None and bias.requires_grad))):
-        return _plain(head(hidden), targets)  # a head autograd must differentiate (or not a plain linear layer)
+        from impruver.objectives import token_logps
+
+        return token_logps(head(hidden), targets)  # a head autograd must differentiate (or not a plain linear layer)
     if not needs_grad:
         with torch.no_grad():
             return _chunked(hidden, weight, bias, targets, with_grad=False)[0]
@@ -42,12 +44,6 @@ def _linear_parts(head: Any) -> tuple[Tensor | None, Tensor | None]:
     if type(head) is not torch.nn.Linear:  # a subclass (an adapter layer, a quantized head) may compute otherwise
         return None, None
     return head.weight, head.bias
-
-
-def _plain(logits: Tensor, targets: Tensor) -> Tensor:
-    import torch.nn.functional as F
-
-    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
 def _chunked(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *,
