@@ -82,12 +82,9 @@ def disk_errors(where: str | os.PathLike[str] | None = None) -> Iterator[None]:
     except OSError as exc:
         at = exc.filename or "a file"
         if exc.errno in FULL:
-            raise RunError(f"the disk is full: writing {at} failed ({exc.strerror}). Free space on that disk "
-                           f"or choose output_dir=PATH on another one, {_RESUME}") from None
+            raise RunError(_disk_full(at, exc.strerror)) from None
         if exc.errno == errno.EFBIG:
-            raise RunError(f"writing {at} failed: {exc.strerror} (the file system's or this process's file size "
-                           f"limit, `ulimit -f`). Raise the limit or choose output_dir=PATH on another disk, "
-                           f"{_RESUME}") from None
+            raise RunError(_too_large(at, exc.strerror)) from None
         if exc.errno in DENIED:
             raise RunError(f"cannot write {at} ({exc.strerror}): check its permissions, or choose "
                            "output_dir=PATH in a folder you can write to") from None
@@ -107,17 +104,25 @@ def library_write_failure(exc: BaseException, where: str | os.PathLike[str] | No
     folder = f"under {where}" if where is not None else "in the output folder"
     first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     if any(k in text for k in _LIBRARY_FULL):
-        return (f"the disk is full: writing a file {folder} failed ({first_line}). Free space on that disk or "
-                f"choose output_dir=PATH on another one, {_RESUME}")
+        return _disk_full(f"a file {folder}", first_line)
     if any(k in text for k in _LIBRARY_TOO_LARGE):
-        return (f"writing a file {folder} failed: file too large ({first_line}), the file system's or this process's "
-                f"file size limit (`ulimit -f`). Raise the limit or choose output_dir=PATH on another disk, {_RESUME}")
+        return _too_large(f"a file {folder}", first_line)
     if any(k in text for k in _TORCH_WRITER):
         free = _free_space(where)
         return (f"torch.save could not write a file {folder} ({first_line}); torch hides the reason, which is "
                 f"nearly always a full disk{free} or a file size limit (`ulimit -f`). Free space or choose "
                 f"output_dir=PATH on another disk, {_RESUME}")
     return None
+
+
+def _disk_full(what: str, reason: str) -> str:
+    return (f"the disk is full: writing {what} failed ({reason}). Free space on that disk or choose output_dir=PATH "
+            f"on another one, {_RESUME}")
+
+
+def _too_large(what: str, reason: str) -> str:
+    return (f"writing {what} failed: file too large ({reason}), the file system's or this process's file size limit "
+            f"(`ulimit -f`). Raise the limit or choose output_dir=PATH on another disk, {_RESUME}")
 
 
 def _free_space(where: str | os.PathLike[str] | None) -> str:
