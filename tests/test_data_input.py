@@ -184,3 +184,19 @@ def test_data_file_with_a_broken_first_line_names_it_and_leaves_nothing(tmp_path
     assert "chats.jsonl:1: not valid JSON (Expecting ',' delimiter at column 71)" in err, err
     assert "no known format" not in err and ("could read none" in err) == (good_lines == 0)
     assert not (tmp_path / "outputs").exists(), "a run that never ran is not the last run, and leaves no folder"
+
+
+def test_a_preference_compose_with_a_broken_first_line_leaves_nothing(tmp_path: Path) -> None:
+    """The pair compose chooses its formats before making any folder, as SFT's does (one work-folder helper)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "hi", "chosen": "a"\n', encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "impruver", "compose", "objective=dpo", "data=pairs.jsonl",
+                           "output_dir=run"], cwd=tmp_path, text=True, capture_output=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    err = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "Traceback" not in err, err
+    assert "pairs.jsonl:1: not valid JSON" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"], "a failed compose leaves no folder"

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -224,13 +225,9 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
         log.info("dataset up to date (fingerprint %s): reusing %s", digest[:12], paths["data"])
         return _result(paths, digest, saved, reused=True)
     settings = _settings(plan, Path())  # formats chosen (format auto reads the first records) before any folder
-    made = not paths["data"].exists()
-    paths["data"].mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
-    settings["tokenizer_dir"] = str(work / TOKENIZER_DIR)
     clock = _Clock()
-    published = False
-    try:
+    with compose_work(paths) as work:
+        settings["tokenizer_dir"] = str(work / TOKENIZER_DIR)
         tokenizer = clock("tokenizer", _prepare_tokenizer, plan, work / TOKENIZER_DIR)
         collected = clock("process", _process_sources, plan, settings, work)
         decisions = clock("dedup_split", _decide, plan, collected)
@@ -242,17 +239,30 @@ def compose(plan: Any, *, force: bool = False) -> ComposeResult:
                 f"{sum(row['skipped'].values())} skipped, {row['too_long']} too long (max_tokens {plan.max_tokens}), "
                 f"{row['duplicates']} duplicates" for name, row in report["sources"].items()))
         clock("publish", _publish, paths, work, report)
-        published = True
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if made and not published and not any(paths["data"].iterdir()):
-            paths["data"].rmdir()  # a compose that failed leaves no empty data folder behind
     result = _result(paths, digest, report, reused=False)
     result.seconds = clock.seconds
     log.info("composed %d train / %d val samples (%d / %d tokens) in %.1f s: %s", report["train"]["samples"],
              report["val"]["samples"], report["train"]["tokens"], report["val"]["tokens"],
              sum(clock.seconds.values()), paths["data"])
     return result
+
+
+@contextmanager
+def compose_work(paths: dict[str, Path]) -> Iterator[Path]:
+    """A private work folder inside the data folder for one compose (what it writes before publishing), removed
+    after; a data folder made for it is removed too when the compose fails and leaves it empty: a failed compose
+    leaves nothing behind."""
+    made = not paths["data"].exists()
+    paths["data"].mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
+    done = False
+    try:
+        yield work
+        done = True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if made and not done and not any(paths["data"].iterdir()):
+            paths["data"].rmdir()
 
 
 class _Clock:

@@ -377,8 +377,6 @@ def compose_pairs(plan: Any, *, force: bool = False) -> Any:
     ``records`` says which kind the lines hold.
     """
     import hashlib
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from impruver.data import pipeline
@@ -391,11 +389,10 @@ def compose_pairs(plan: Any, *, force: bool = False) -> Any:
     if saved is not None:
         pipeline.log.info("dataset up to date (fingerprint %s): reusing %s", digest[:12], paths["data"])
         return pipeline._result(paths, digest, saved, reused=True)
-    paths["data"].mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".compose-", dir=paths["data"]))
-    try:
+    settings = pipeline._settings(plan, Path())  # formats chosen (format auto reads records) before any folder
+    with pipeline.compose_work(paths) as work:
+        settings["tokenizer_dir"] = str(work / pipeline.TOKENIZER_DIR)
         tokenizer = _prepare_tokenizer(plan, work / pipeline.TOKENIZER_DIR)
-        settings = pipeline._settings(plan, work / pipeline.TOKENIZER_DIR)
         encoder = _encoder(tokenizer)
         units, counts = [], {}
         for name, spec in plan.sources.items():
@@ -410,8 +407,6 @@ def compose_pairs(plan: Any, *, force: bool = False) -> Any:
                 f"skipped, {r['too_long']} too long (max_tokens {plan.max_tokens}), {r['duplicates']} duplicates"
                 for n, r in report["sources"].items()))
         pipeline._publish(paths, work, report)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     pipeline.log.info("composed %d train / %d val %ss: %s", report["train"]["samples"], report["val"]["samples"],
                       kind, paths["data"])
     return pipeline._result(paths, digest, report, reused=False)
@@ -639,12 +634,12 @@ def show_pairs(result: Any, count: int) -> None:
     """``compose --inspect``: ``count`` composed pairs as text, the shared prompt once, then each answer with its
     trained tokens highlighted."""
     from rich.text import Text
-    from transformers import AutoTokenizer
 
     from impruver.data.pipeline import _runs
+    from impruver.data.tokenizers import load_pretrained
     from impruver.ui import console
 
-    tokenizer = AutoTokenizer.from_pretrained(result.tokenizer_dir)
+    tokenizer = load_pretrained(result.tokenizer_dir)  # the composed tokenizer, as the SFT inspect loads it
     for n, record in zip(range(count), read_pairs(result.train_path)):
         sides = [(k, record[k]) for k in ("chosen", "rejected", "completion") if k in record]
         first = sides[0][1]
