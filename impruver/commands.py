@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from impruver.layout import OUTPUTS_ROOT
+
 # Relative to the working folder, beside the default output folders (outputs/<preset>).
-LAST_RUN = Path("outputs") / ".last_run.json"
+LAST_RUN = Path(OUTPUTS_ROOT) / ".last_run.json"
 # Stages that use what a run trained; the override prefixes that only shape the training, left out of theirs.
 LATER_STAGES = ("chat", "serve", "export", "eval")
 OPTIMISATION = ("train.", "eval.")

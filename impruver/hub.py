@@ -38,7 +38,10 @@ def is_local(path: str) -> bool:
     """A path on disk (or a pkg:// resource), as opposed to a Hub id such as 'org/name'."""
     if path.startswith("pkg://") or Path(path).expanduser().exists():
         return True
-    return not HUB_ID.match(path) or path.startswith((".", "/", "~"))
+    from impruver.layout import OUTPUTS_ROOT
+
+    # outputs/demo: a run folder of impruver's (not trained yet), which the Hub never holds
+    return not HUB_ID.match(path) or path.startswith((".", "/", "~", f"{OUTPUTS_ROOT}/"))
 
 
 def hub_id_of(path: str) -> str | None:

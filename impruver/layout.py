@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+OUTPUTS_ROOT = "outputs"  # where runs go by default (outputs/<preset>): a path under it is a run folder, never a Hub id
 PLAN_FILE = "plan.yaml"
 DATA_DIR = "data"
 CHECKPOINTS_DIR = "checkpoints"
@@ -133,5 +134,5 @@ class RunLayout:
         return sorted({p for pattern in WORK_GLOBS for p in self.root.glob(pattern)})
 
 
-__all__ = ["RunLayout", "PLAN_FILE", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "METRICS_FILE", "RUN_SUMMARY",
+__all__ = ["RunLayout", "OUTPUTS_ROOT", "PLAN_FILE", "CHECKPOINTS_DIR", "CHECKPOINT_PREFIX", "METRICS_FILE", "RUN_SUMMARY",
            "EVAL_FILE", "SWEEP_SUMMARY", "BASE_DIR", "MERGED_DIR", "LOCK_FILE", "PLAN_HASH_FILE", "WORK_GLOBS"]

@@ -173,6 +173,19 @@ def test_a_run_that_fails_before_writing_anything_is_not_the_last_run(tmp_path: 
     assert last_run().overrides == ["train.lr=1"] and LAST_RUN.is_file()
 
 
+def test_a_preference_preset_before_its_sft_run_says_which_run_to_train(tmp_path: Path) -> None:
+    """`impruver preset=demo objective=dpo` in a fresh folder: outputs/demo (its starting point) is the demo's run
+    folder, not a Hub id to download; every missing local path is named at once, and nothing is left behind."""
+    (tmp_path / "x.jsonl").write_text("")
+    done = impruver("preset=demo", "objective=dpo", "data=missing.jsonl", cwd=tmp_path, ok=False)
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "Traceback" not in message, message
+    assert "model.path: no file or folder at outputs/demo: it is the folder `impruver preset=demo` trains" in message
+    assert "dataset.sources.missing.path: no file or folder at missing.jsonl" in message
+    assert "hf download" not in message  # not a Hub id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]
+
+
 def test_a_killed_run_is_told_apart_from_a_running_one(tmp_path: Path) -> None:
     """After `kill -9` chat suggests resuming (its lock names a dead pid); a live run's lock says "writing it"."""
     from impruver.chat.load import locate

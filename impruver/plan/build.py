@@ -140,6 +140,7 @@ def _without_missing(config: Any) -> Any:
 def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:
     """outputs/<preset>, or outputs/<model>_<method>_<dataset> from the selected options; a preference objective
     adds its name (outputs/demo-dpo), so a preference run never writes over the SFT run it starts from."""
+    from impruver.layout import OUTPUTS_ROOT
     from impruver.objectives import objective_class, objective_names
 
     objective = choices.get("objective")
@@ -147,9 +148,9 @@ def default_output_dir(preset: str | None, choices: dict[str, str]) -> str:
     named = bool(preset and objective and preset.endswith(f"_{objective}"))  # rugpt3large/760M_lora_saiga2_dpo
     suffix = f"-{objective}" if preference and not named else ""
     if preset:
-        return os.path.join("outputs", preset + suffix)
+        return os.path.join(OUTPUTS_ROOT, preset + suffix)
     parts = [choices.get(g) for g in ("model", "method", "dataset")]
-    return os.path.join("outputs", "_".join(p.replace("/", "-") for p in parts if p) or "run") + suffix
+    return os.path.join(OUTPUTS_ROOT, "_".join(p.replace("/", "-") for p in parts if p) or "run") + suffix
 
 
 def _method_schema(raw: dict[str, Any]) -> type[MethodSpec]:

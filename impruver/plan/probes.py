@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from impruver import registry
-from impruver.errors import Problem
+from impruver.errors import ConfigError, Problem
 
 if TYPE_CHECKING:
     from impruver.hub import HubRef
@@ -54,8 +54,16 @@ def hub_refs(plan: Plan, *, recompose: bool = False) -> list[HubRef]:
     """Every Hub id a run of the plan reads: the model; the tokenizer and each enabled dataset source only while the
     data is still to be composed (a composed run folder carries its own tokenizer and samples). Local paths are
     left out."""
-    from impruver.components import tokenizer_reads_path
     from impruver.hub import HubRef, is_local
+
+    named = _read_paths(plan, recompose=recompose)
+    return [HubRef(key, path, kind) for key, path, kind in named if not is_local(path)]  # type: ignore[arg-type]
+
+
+def _read_paths(plan: Plan, *, recompose: bool = False) -> list[tuple[str, str, str]]:
+    """(setting, path, "model" | "dataset") of every path a run of the plan reads: the model; the tokenizer and each
+    enabled dataset source only while the data is still to be composed."""
+    from impruver.components import tokenizer_reads_path
 
     named: list[tuple[str, str | None, str]] = []
     if plan.model.weights != "random" or plan.model.arch is None:  # random weights built from `arch` read no path
@@ -64,8 +72,33 @@ def hub_refs(plan: Plan, *, recompose: bool = False) -> list[HubRef]:
         if tokenizer_reads_path(plan.tokenizer.builder):
             named.append(("tokenizer.path", plan.tokenizer.path, "model"))
         named += [(f"dataset.sources.{name}.path", source.path, "dataset") for name, source in plan.sources.items()]
-    return [HubRef(key, path, kind) for key, path, kind in named  # type: ignore[arg-type]
-            if path and not is_local(path)]
+    return [(key, path, kind) for key, path, kind in named if path]
+
+
+def missing_local(plan: Plan, *, recompose: bool = False) -> list[Problem]:
+    """A problem per local path the run reads that does not exist (a Hub id is :func:`hub_refs`' to check); one
+    under impruver's outputs folder is a run not trained yet."""
+    from impruver.hub import is_local
+    from impruver.layout import OUTPUTS_ROOT
+
+    problems = []
+    for key, path, _ in _read_paths(plan, recompose=recompose):
+        if path.startswith("pkg://") or not is_local(path) or Path(path).expanduser().exists():
+            continue
+        hint = (_untrained_run_hint(path[len(OUTPUTS_ROOT) + 1:]) if path.startswith(f"{OUTPUTS_ROOT}/") else
+                f"relative paths start at {Path.cwd()}")
+        problems.append(Problem(key, f"no file or folder at {path}: {hint}"))
+    return problems
+
+
+def _untrained_run_hint(name: str) -> str:
+    """Why outputs/NAME is missing: a run not trained yet, and the command that trains it when NAME is a preset's
+    folder (a preset for an objective starts from its preset's run: outputs/demo for preset=demo objective=dpo)."""
+    from impruver.compose import list_options
+
+    if name.rstrip("/") in list_options("preset"):
+        return f"it is the folder `impruver preset={name.rstrip('/')}` trains: run that first"
+    return "it is the output folder of a run not trained yet: train that run first"
 
 
 def composed(plan: Plan) -> bool:
@@ -85,12 +118,16 @@ def hub_problems(plan: Plan) -> list[Problem]:
 
 
 def check_hub(plan: Plan, *, recompose: bool = False) -> None:
-    """Raise one error naming every Hub id of the plan this machine lacks, before anything is composed or loaded."""
+    """Raise one error naming every Hub id of the plan this machine lacks, else one naming every missing local path,
+    before anything is composed or loaded."""
     from impruver.hub import missing, missing_error
 
     refs, why = missing(hub_refs(plan, recompose=recompose))
-    if refs:
+    if refs:  # the downloads first: each with its command (a local path missing too is named once they are here)
         raise missing_error(refs, why)
+    local = missing_local(plan, recompose=recompose)
+    if local:
+        raise ConfigError(local)
 
 
 def _kind(key: str) -> str:
